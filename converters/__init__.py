@@ -1,0 +1,1 @@
+"""Converters: checkpoint -> GGUF / GPTQ / ONNX behind one interface (see base.py)."""

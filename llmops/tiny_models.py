@@ -1,0 +1,114 @@
+"""Tiny random-weight models for fast tests and examples.
+
+Each is a real transformers architecture with a real byte-level BPE tokenizer,
+saved as safetensors in the Hugging Face layout, so every converter and runner
+exercises the same code paths as on a full-size checkpoint, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# Small but not degenerate: several heads, grouped-query attention where the
+# family has it, and hidden sizes that quantize with block size 32 and 256.
+_COMMON: dict[str, Any] = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": {"model_type": "llama", "rope_theta": 10000.0},
+    "qwen2": {"model_type": "qwen2", "rope_theta": 1000000.0, "tie_word_embeddings": True},
+    "qwen3": {"model_type": "qwen3", "rope_theta": 1000000.0, "head_dim": 64, "tie_word_embeddings": True},
+    "gemma2": {
+        "model_type": "gemma2",
+        "head_dim": 64,
+        "query_pre_attn_scalar": 64,
+        "sliding_window": 256,
+        "final_logit_softcapping": 30.0,
+        "attn_logit_softcapping": 50.0,
+        "tie_word_embeddings": True,
+    },
+    "phi3": {"model_type": "phi3", "num_key_value_heads": 4, "rope_theta": 10000.0},
+    "gpt2": {"model_type": "gpt2", "n_embd": 256, "n_layer": 2, "n_head": 4, "n_positions": 512},
+}
+
+VOCAB_SIZE = 512
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Models are converted, benchmarked and registered. "
+    "Perplexity measures how well a language model predicts text; lower is better. 0123456789 "
+    "= Robert Boulter = Robert Boulter is an English film , television and theatre actor . "
+)
+
+
+def build_tokenizer(dest: Path) -> None:
+    """A byte-level BPE like GPT-2's/SmolLM2's, trained on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(dest)
+
+
+def tiny_model(arch: str, dest: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a random-initialised ``arch`` model (safetensors + tokenizer) to ``dest``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(dest)
+    vocab = len(AutoTokenizer.from_pretrained(dest))
+    params = {**_COMMON, **ARCHITECTURES[arch]}
+    model_type = params.pop("model_type")
+    if model_type == "gpt2":
+        params = {k: v for k, v in params.items() if k not in _COMMON}
+    params["vocab_size"] = vocab
+    params.update(bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    config = AutoConfig.for_model(model_type, **params)
+    config.dtype = dtype
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init with std 0.02 gives near-uniform logits; a wider spread makes
+    # logit comparisons between runtimes meaningful.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model = model.to(getattr(torch, dtype))
+    model.save_pretrained(dest, safe_serialization=True)
+    (dest / "llmops_fixture.json").write_text(json.dumps({"arch": arch, "seed": seed, "random": True}))
+    return dest
