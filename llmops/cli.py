@@ -1,0 +1,487 @@
+"""The ``llmops`` command line: thin commands over the library.
+
+Only click is imported at start-up; every command imports what it needs
+(torch, transformers, mlflow) inside its body, so ``llmops --help`` is instant.
+Errors become one line on stderr (and ``{"error": ...}`` on stdout with
+--json) and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from llmops import __version__
+from llmops.errors import LLMOpsError, NotAvailable, UsageError
+from llmops.output import emit, log, table
+
+NOT_YET = "is not available in this version of llmops"
+
+
+class State:
+    def __init__(self) -> None:
+        self.json = False
+        self.store_dir: str | None = None
+
+    def store(self):  # noqa: ANN201 - llmops.registry.store.Store, imported lazily
+        from llmops.config import resolve
+        from llmops.registry.store import Store
+
+        return Store(resolve(self.store_dir))
+
+
+def _state() -> State:
+    ctx = click.get_current_context()
+    obj = ctx.find_object(State)
+    if obj is None:
+        obj = ctx.ensure_object(State)
+    return obj
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(State).json = True
+
+
+def _set_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(State).store_dir = value
+
+
+def common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--json and --store after the command too (`llmops models show REF --json`)."""
+    f = click.option("--json", "json_", is_flag=True, expose_value=False, is_eager=True, callback=_set_json,
+                     help="Print one JSON document on stdout.")(f)
+    f = click.option("--store", type=click.Path(file_okay=False), expose_value=False, callback=_set_store,
+                     help="Store folder (default $LLMOPS_STORE or ./.llmops).")(f)
+    return f
+
+
+def out(data: Any, render: Callable[[Any], str] | None = None) -> None:
+    emit(_state().json, data, render)
+
+
+class DefaultGroup(click.Group):
+    """A group whose first argument may be an argument of its default command
+    (``llmops bench ARTIFACT...`` beside ``llmops bench compare REF...``)."""
+
+    default_command = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "ARTIFACT... [OPTIONS] | compare REF... [OPTIONS]")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--json", "json_", is_flag=True, expose_value=False, is_eager=True, callback=_set_json,
+              help="Print one JSON document on stdout (logs stay on stderr).")
+@click.option("--store", type=click.Path(file_okay=False), expose_value=False, callback=_set_store,
+              help="Store folder (default $LLMOPS_STORE or ./.llmops).")
+@click.version_option(__version__, prog_name="llmops")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Convert checkpoints to GGUF, GPTQ and ONNX, benchmark them, and version them in an MLflow registry
+    with lineage in SQL."""
+    ctx.ensure_object(State)
+
+
+# -- convert ----------------------------------------------------------------------
+@cli.command()
+@click.argument("source")
+@click.option("--to", "target", required=True, help="gguf-f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k, gguf-q4, "
+              "gptq-4bit|8bit, onnx|onnx-fp16|onnx-int8|onnx-int4")
+@click.option("-o", "--output", type=click.Path(), help="Output file or folder.")
+@click.option("--register", "register_name", help="Register the output as a new version of this model.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare against the source on eval text.")
+@click.option("--calibration", help="Calibration data (GPTQ): datasets:/NAME/VERSION or a text file.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--eval-text", type=click.Path(dir_okay=False), help="Eval text for --verify (default $LLMOPS_EVAL_TEXT).")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
+@common
+def convert(source: str, target: str, output: str | None, register_name: str | None, verify: bool,
+            calibration: str | None, device: str, eval_text: str | None, allow_nonfinite: bool) -> None:
+    """Convert SOURCE (a checkpoint folder or file, or models:/NAME/VERSION) to TARGET."""
+    from llmops.workflows import run_convert
+
+    out(run_convert(_state(), source=source, target=target, output=output, register_name=register_name,
+                    verify=verify, calibration=calibration, device=device, eval_text=eval_text,
+                    allow_nonfinite=allow_nonfinite), _render_convert)
+
+
+def _render_convert(d: dict[str, Any]) -> str:
+    lines = [f"wrote {d['output']} ({d['format']} {d['quant']}, {d['size_bytes'] / 1e6:.1f} MB, {d['seconds']:.1f} s)"]
+    v = d.get("verification")
+    if v:
+        lines.append(f"verify: KLD {v['kld']:.5f}, top-1 {v['top1_agreement']:.4f}, "
+                     f"PPL {v['ppl_source']:.3f} -> {v['ppl_output']:.3f}")
+    if d.get("registered"):
+        lines.append(f"registered {d['registered']['uri']}")
+    return "\n".join(lines)
+
+
+# -- bench --------------------------------------------------------------------------
+@cli.group(cls=DefaultGroup)
+def bench() -> None:
+    """Benchmark artifacts (memory, latency, accuracy), or compare recorded results."""
+
+
+@bench.command("run", hidden=True)
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--threads", type=int)
+@click.option("--metrics", default="memory,latency,accuracy")
+@click.option("--eval-text", type=click.Path(dir_okay=False))
+@click.option("--dataset")
+@click.option("--ctx", type=int, default=512)
+@click.option("--chunks", type=int)
+@click.option("--baseline")
+@common
+def bench_run(**_: Any) -> None:
+    """Benchmark ARTIFACT... on this machine."""
+    raise NotAvailable(f"llmops bench {NOT_YET}")
+
+
+@bench.command("compare")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--plot", type=click.Path(dir_okay=False))
+@click.option("--any-hardware", is_flag=True)
+@common
+def bench_compare(**_: Any) -> None:
+    """One table (and a Pareto plot) across formats."""
+    raise NotAvailable(f"llmops bench compare {NOT_YET}")
+
+
+# -- models -------------------------------------------------------------------------
+@cli.group()
+def models() -> None:
+    """Registered models and their versions."""
+
+
+def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+    result = {}
+    for t in tags:
+        if "=" not in t:
+            raise UsageError(f"--tag {t!r}: expected KEY=VALUE")
+        k, v = t.split("=", 1)
+        result[k.strip()] = v
+    return result
+
+
+@models.command("register")
+@click.argument("path", type=click.Path(exists=False))
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--from", "from_", multiple=True, help="What it was made from: a path or models:/NAME/VERSION.")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE tag on the version (repeatable).")
+@common
+def models_register(path: str, name: str, from_: tuple[str, ...], tags: tuple[str, ...]) -> None:
+    """Register PATH (a file or folder) as a new version of model NAME."""
+    from llmops.artifact_info import describe
+    from llmops.registry.versions import ParentSpec, register
+
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file or folder")
+    info = describe(path)
+    log(f"registering {path} as {name} ({info.format}{' ' + info.quant if info.quant else ''})")
+    v = register(_state().store(), path, name, fmt=info.format, quant=info.quant,
+                 bits_per_weight=info.bits_per_weight, tags=_parse_tags(tags),
+                 parents=[ParentSpec(f) for f in from_], command="register")
+    out(v.to_dict(), lambda d: f"registered {d['uri']} (sha256 {d['sha256'][:16]}…, {d['size_bytes']} bytes)")
+
+
+@models.command("list")
+@common
+def models_list() -> None:
+    """List registered models."""
+    from llmops.registry.versions import list_models
+
+    rows = list_models(_state().store())
+    out(rows, lambda rs: table(
+        [[r["name"], r["versions"], r["latest_version"], r["format"], r["quant"],
+          ",".join(f"{k}={v}" for k, v in r["aliases"].items())] for r in rs],
+        ["NAME", "VERSIONS", "LATEST", "FORMAT", "QUANT", "ALIASES"]) if rs else "no registered models")
+
+
+@models.command("show")
+@click.argument("ref")
+@common
+def models_show(ref: str) -> None:
+    """Show one version: models:/NAME/VERSION or models:/NAME@ALIAS."""
+    from llmops.registry.versions import show
+
+    v = show(_state().store(), ref)
+
+    def render(d: dict[str, Any]) -> str:
+        lines = [f"{d['uri']}  (run {d['run_id']})"]
+        for k in ("format", "quant", "sha256", "size_bytes", "source", "stored_uri", "created_at"):
+            lines.append(f"  {k}: {d.get(k)}")
+        lines.append(f"  aliases: {', '.join(d['aliases']) or '-'}")
+        lines.append("  tags: " + ", ".join(f"{k}={v}" for k, v in sorted(d["tags"].items())))
+        if d["metrics"]:
+            lines.append("  metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(d["metrics"].items())))
+        return "\n".join(lines)
+
+    out(v.to_dict(), render)
+
+
+# -- prompts / datasets ---------------------------------------------------------------
+@cli.group()
+def prompts() -> None:
+    """Versioned prompt templates (MLflow's prompt registry)."""
+
+
+@prompts.command("add")
+@click.argument("name")
+@click.option("--template")
+@click.option("--file", type=click.Path(dir_okay=False))
+@click.option("-m", "--message")
+@common
+def prompts_add(**_: Any) -> None:
+    """Add a version of prompt NAME."""
+    raise NotAvailable(f"llmops prompts {NOT_YET}")
+
+
+@prompts.command("list")
+@common
+def prompts_list() -> None:
+    """List prompts."""
+    raise NotAvailable(f"llmops prompts {NOT_YET}")
+
+
+@prompts.command("show")
+@click.argument("ref")
+@common
+def prompts_show(ref: str) -> None:
+    """Show prompts:/NAME/VERSION or prompts:/NAME@ALIAS."""
+    raise NotAvailable(f"llmops prompts {NOT_YET}")
+
+
+@prompts.command("diff")
+@click.argument("name")
+@click.argument("v1")
+@click.argument("v2")
+@common
+def prompts_diff(name: str, v1: str, v2: str) -> None:
+    """Unified diff between two versions of a prompt."""
+    raise NotAvailable(f"llmops prompts {NOT_YET}")
+
+
+@cli.group()
+def datasets() -> None:
+    """Versioned, content-addressed datasets (eval text, calibration data)."""
+
+
+@datasets.command("add")
+@click.argument("name")
+@click.argument("path", type=click.Path())
+@click.option("-m", "--message")
+@common
+def datasets_add(**_: Any) -> None:
+    """Add a version of dataset NAME from PATH."""
+    raise NotAvailable(f"llmops datasets {NOT_YET}")
+
+
+@datasets.command("list")
+@common
+def datasets_list() -> None:
+    """List datasets."""
+    raise NotAvailable(f"llmops datasets {NOT_YET}")
+
+
+@datasets.command("show")
+@click.argument("ref")
+@common
+def datasets_show(ref: str) -> None:
+    """Show datasets:/NAME/VERSION."""
+    raise NotAvailable(f"llmops datasets {NOT_YET}")
+
+
+# -- lineage / verify -------------------------------------------------------------------
+@cli.command()
+@click.argument("ref")
+@click.option("--up", "direction", flag_value="up", default=True, help="What REF came from (default).")
+@click.option("--down", "direction", flag_value="down", help="What was made from REF.")
+@click.option("--format", "fmt", type=click.Choice(["tree", "json", "mermaid", "dot"]), default="tree", show_default=True)
+@common
+def lineage(ref: str, direction: str, fmt: str) -> None:
+    """Walk the lineage graph from REF."""
+    from llmops.registry import lineage as lin
+    from llmops.registry.versions import resolve_artifact
+
+    store = _state().store()
+    art = resolve_artifact(store, ref)
+    with store.session() as s:
+        g = lin.graph(s, art.id, direction)
+    if _state().json or fmt == "json":
+        emit(True, {"ref": ref, **g.to_dict()})
+        return
+    text = {"tree": lin.render_tree, "mermaid": lin.render_mermaid, "dot": lin.render_dot}[fmt](g)
+    click.echo(text)
+
+
+@cli.command()
+@click.argument("ref")
+@common
+def verify(ref: str) -> None:
+    """Re-hash the stored bytes of REF and compare them with the record (exit 1 on mismatch)."""
+    from llmops.registry.versions import VerifyFailed
+    from llmops.registry.versions import verify as do_verify
+
+    try:
+        result = do_verify(_state().store(), ref)
+    except VerifyFailed as exc:
+        if _state().json:
+            emit(True, {**exc.result, "error": str(exc)})
+            raise SystemExit(1) from exc
+        raise
+    out(result, lambda d: f"ok: {d['ref']} sha256 {d['actual_sha256']}")
+
+
+# -- promotion ------------------------------------------------------------------------
+@cli.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--to", "alias", default="production", show_default=True)
+@click.option("--gate", "gates", multiple=True, help='"METRIC OP VALUE", e.g. "ppl_ratio <= 1.05" (repeatable).')
+@click.option("--prompt")
+@click.option("--hardware")
+@click.option("--stage")
+@click.option("--dry-run", is_flag=True)
+@click.option("--force", is_flag=True)
+@click.option("--reason")
+@common
+def promote(**_: Any) -> None:
+    """Move alias --to onto NAME VERSION when every gate passes (exit 1 otherwise)."""
+    raise NotAvailable(f"llmops promote {NOT_YET}")
+
+
+@cli.group()
+def promotions() -> None:
+    """The promotion audit trail."""
+
+
+@promotions.command("list")
+@click.argument("name")
+@common
+def promotions_list(name: str) -> None:
+    """Every promotion attempt for model NAME."""
+    raise NotAvailable(f"llmops promotions {NOT_YET}")
+
+
+# -- ui / db / fixtures -------------------------------------------------------------------
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address (loopback unless you say otherwise).")
+@click.option("--port", default=5000, show_default=True, type=int)
+@common
+def ui(host: str, port: int) -> None:
+    """Serve the MLflow UI on this store."""
+    from llmops.server import serve
+
+    state = _state()
+    raise SystemExit(serve(state.store(), host=host, port=port, json_mode=state.json))
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The llmops tables' migrations."""
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@common
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the store's tables (MLflow's and llmops')."""
+    from llmops.registry import db
+
+    store = _state().store()
+    store.open()
+    rev = db.upgrade(store.engine, revision)
+    out({**store.describe(), "revision": rev, "head": db.head_revision()}, lambda d: f"llmops tables at revision {d['revision']}")
+
+
+@db_group.command("current")
+@common
+def db_current() -> None:
+    """Print the llmops tables' revision."""
+    from llmops.registry import db
+
+    store = _state().store()
+    store.open()
+    rev = db.current_revision(store.engine)
+    out({**store.describe(), "revision": rev, "head": db.head_revision()},
+        lambda d: f"{d['revision']}{' (head)' if d['revision'] == d['head'] else ''}")
+
+
+@cli.group()
+def fixtures() -> None:
+    """Build the models the tests and the demo use."""
+
+
+@fixtures.command("smollm2")
+@click.argument("dest", required=False, type=click.Path(file_okay=False))
+@common
+def fixtures_smollm2(dest: str | None) -> None:
+    """SmolLM2-135M-Instruct as an fp32 Hugging Face checkpoint (cached)."""
+    from llmops.fixtures import smollm2_checkpoint
+
+    path = smollm2_checkpoint(dest, progress=log)
+    out({"path": str(path)}, lambda d: d["path"])
+
+
+@fixtures.command("tiny")
+@click.argument("arch")
+@click.argument("dest", type=click.Path(file_okay=False))
+@common
+def fixtures_tiny(arch: str, dest: str) -> None:
+    """A tiny random-weight model (llama, qwen2, qwen3, gemma2, phi3, gpt2) for quick trials."""
+    from llmops.tiny_models import ARCHITECTURES, tiny_model
+
+    if arch not in ARCHITECTURES:
+        raise UsageError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    out({"path": str(tiny_model(arch, dest))}, lambda d: d["path"])
+
+
+# -- entry point ----------------------------------------------------------------------------
+def _fail(message: str, code: int, json_mode: bool) -> int:
+    message = " ".join(message.split())
+    if json_mode:
+        emit(True, {"error": message})
+    log(f"error: {message}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    json_mode = "--json" in args
+    try:
+        cli.main(args=args, prog_name="llmops", standalone_mode=False)
+        return 0
+    except LLMOpsError as exc:
+        return _fail(str(exc), exc.exit_code, json_mode)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code, json_mode)
+    except click.exceptions.Abort:
+        return _fail("interrupted", 130, json_mode)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, json_mode)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
+        if os.environ.get("LLMOPS_DEBUG"):
+            raise
+        return _fail(f"{type(exc).__name__}: {exc} (set LLMOPS_DEBUG=1 for a traceback)", 1, json_mode)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""``llmops ui``: MLflow's own server on the store, so users browse it in the UI they know."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from llmops.config import redact
+from llmops.errors import LLMOpsError
+from llmops.output import emit, log
+
+
+def server_command(store, host: str, port: int) -> list[str]:  # noqa: ANN001 - Store
+    s = store.settings
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.db_url, "--host", host, "--port", str(port)]
+    if s.is_sqlite:
+        cmd += ["--default-artifact-root", s.artifact_root.as_uri()]
+    cmd += ["--workers", "1"]
+    return cmd
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise LLMOpsError(f"the MLflow server exited with code {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:  # noqa: S310 - our own loopback URL
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise LLMOpsError(f"the MLflow server did not answer at {url} within {timeout:.0f} s")
+
+
+def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = False) -> int:  # noqa: ANN001
+    if store.settings.tracking_uri != store.settings.db_url:
+        raise LLMOpsError(f"MLFLOW_TRACKING_URI points at {redact(store.settings.tracking_uri)}: open that server's UI instead")
+    if not port_free(host, port):
+        raise LLMOpsError(f"port {port} on {host} is in use: choose another with --port")
+    store.open()  # create/migrate tables first, so the server starts on a ready database
+    url = f"http://{host}:{port}"
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    proc = subprocess.Popen(server_command(store, host, port), env=env)  # noqa: S603 - fixed argv
+    try:
+        wait_until_up(url, proc)
+        if json_mode:
+            emit(True, {"url": url, "pid": proc.pid, **store.describe()})
+        log(f"MLflow UI for {store.settings.store_dir} at {url} (Ctrl-C to stop)")
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

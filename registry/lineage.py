@@ -1,0 +1,146 @@
+"""Lineage: where an artifact came from (up) and what was made from it (down).
+
+One recursive CTE walks the edge table; it is portable SQL (SQLite and
+PostgreSQL both run it) and indexed on both edge ends, so depth, not table
+size, decides its cost. Cycles cannot loop forever: the walk is depth-bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import literal, select
+from sqlalchemy.orm import Session
+
+from llmops.registry.tables import Artifact, LineageEdge, Version
+
+MAX_DEPTH = 64
+
+
+@dataclass
+class Node:
+    id: int
+    kind: str
+    name: str
+    labels: list[str]
+    sha256: str
+    format: str | None
+    quant: str | None
+    uri: str
+
+
+@dataclass
+class Edge:
+    parent: int
+    child: int
+    relation: str
+    depth: int
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Graph:
+    root: int
+    direction: str
+    nodes: dict[int, Node]
+    edges: list[Edge]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "root": self.root,
+            "direction": self.direction,
+            "nodes": [asdict(n) for n in self.nodes.values()],
+            "edges": [asdict(e) for e in self.edges],
+        }
+
+
+def walk(session: Session, artifact_id: int, direction: str = "up", max_depth: int = MAX_DEPTH) -> list[Edge]:
+    """Edges reachable from ``artifact_id`` towards parents (up) or children (down)."""
+    e = LineageEdge.__table__
+    near, far = (e.c.child_id, e.c.parent_id) if direction == "up" else (e.c.parent_id, e.c.child_id)
+    base = select(e.c.id, e.c.parent_id, e.c.child_id, e.c.relation, far.label("next_id"), literal(1).label("depth")).where(
+        near == artifact_id
+    )
+    cte = base.cte("lineage_walk", recursive=True)
+    step = select(e.c.id, e.c.parent_id, e.c.child_id, e.c.relation, far.label("next_id"), (cte.c.depth + 1).label("depth")).where(
+        near == cte.c.next_id, cte.c.depth < max_depth
+    )
+    cte = cte.union_all(step)
+    rows = session.execute(select(cte.c.id, cte.c.parent_id, cte.c.child_id, cte.c.relation, cte.c.depth)).all()
+    seen: dict[int, Edge] = {}
+    params = {}
+    if rows:
+        ids = list({r.id for r in rows})
+        for i in range(0, len(ids), 500):
+            for edge_id, p in session.execute(select(e.c.id, e.c.parameters).where(e.c.id.in_(ids[i : i + 500]))):
+                params[edge_id] = p or {}
+    for r in rows:
+        if r.id not in seen or r.depth < seen[r.id].depth:
+            seen[r.id] = Edge(r.parent_id, r.child_id, r.relation, r.depth, params.get(r.id, {}))
+    return sorted(seen.values(), key=lambda x: (x.depth, x.parent, x.child))
+
+
+def graph(session: Session, artifact_id: int, direction: str = "up") -> Graph:
+    edges = walk(session, artifact_id, direction)
+    ids = {artifact_id} | {x.parent for x in edges} | {x.child for x in edges}
+    nodes: dict[int, Node] = {}
+    labels: dict[int, list[str]] = {}
+    for v in session.scalars(select(Version).where(Version.artifact_id.in_(ids))):
+        scheme = {"model": "models", "prompt": "prompts", "dataset": "datasets"}.get(v.kind, v.kind)
+        labels.setdefault(v.artifact_id, []).append(f"{scheme}:/{v.name}/{v.version}")
+    for a in session.scalars(select(Artifact).where(Artifact.id.in_(ids))):
+        nodes[a.id] = Node(a.id, a.kind, a.name, sorted(labels.get(a.id, [])), a.sha256, a.format, a.quant, a.uri)
+    return Graph(artifact_id, direction, nodes, edges)
+
+
+def _label(n: Node) -> str:
+    what = n.labels[0] if n.labels else n.name
+    fmt = "/".join(x for x in (n.format, n.quant) if x and x != "none")
+    return f"{what} [{n.kind}{', ' + fmt if fmt else ''}] sha256:{n.sha256[:12]}"
+
+
+def render_tree(g: Graph) -> str:
+    children: dict[int, list[Edge]] = {}
+    for e in g.edges:
+        src = e.child if g.direction == "up" else e.parent
+        children.setdefault(src, []).append(e)
+    lines = [_label(g.nodes[g.root])]
+    arrow = "<-" if g.direction == "up" else "->"
+
+    def rec(node: int, prefix: str, path: set[int]) -> None:
+        kids = children.get(node, [])
+        for i, e in enumerate(kids):
+            nxt = e.parent if g.direction == "up" else e.child
+            last = i == len(kids) - 1
+            lines.append(f"{prefix}{'└── ' if last else '├── '}{arrow} {e.relation}: {_label(g.nodes[nxt])}")
+            if nxt not in path:
+                rec(nxt, prefix + ("    " if last else "│   "), path | {nxt})
+
+    rec(g.root, "", {g.root})
+    if len(lines) == 1:
+        lines.append(f"(no {'parents' if g.direction == 'up' else 'children'} recorded)")
+    return "\n".join(lines)
+
+
+def _esc(text: str) -> str:
+    return text.replace('"', "'")
+
+
+def render_mermaid(g: Graph) -> str:
+    out = ["graph BT" if g.direction == "up" else "graph TD"]
+    for n in g.nodes.values():
+        out.append(f'  a{n.id}["{_esc(_label(n))}"]')
+    for e in g.edges:
+        out.append(f"  a{e.parent} -->|{e.relation}| a{e.child}")
+    return "\n".join(out)
+
+
+def render_dot(g: Graph) -> str:
+    out = ["digraph lineage {", "  rankdir=LR;", '  node [shape=box, fontname="Helvetica"];']
+    for n in g.nodes.values():
+        out.append(f'  a{n.id} [label="{_esc(_label(n))}"];')
+    for e in g.edges:
+        out.append(f'  a{e.parent} -> a{e.child} [label="{e.relation}"];')
+    out.append("}")
+    return "\n".join(out)

@@ -1,0 +1,122 @@
+"""The store: llmops' tables and MLflow's registry behind one object.
+
+Opening a store creates what is missing (the folder, MLflow's tables, ours)
+under a file lock, so two processes opening a fresh store at once do not race
+each other's migrations.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from llmops.config import EXPERIMENT, Settings, redact, resolve
+from llmops.errors import LLMOpsError
+from llmops.registry import db
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+
+def actor() -> str:
+    """Who did it: the CI's user where one is set, else the local login."""
+    for var in ("GITHUB_ACTOR", "GITLAB_USER_LOGIN", "BUILDKITE_BUILD_CREATOR", "USER", "USERNAME"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
+
+
+class Store:
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or resolve()
+        self._opened = False
+
+    # -- opening ---------------------------------------------------------
+    @contextmanager
+    def _init_lock(self) -> Iterator[None]:
+        self.settings.store_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.store_dir / ".init.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def open(self) -> Store:
+        if self._opened:
+            return self
+        try:
+            with self._init_lock():
+                if self.settings.is_sqlite:
+                    # WAL and the busy timeout are set on every connection we open;
+                    # WAL persists in the file, so MLflow's connections get it too.
+                    with self.engine.connect():
+                        pass
+                self._ensure_mlflow()
+                db.upgrade(self.engine)
+        except LLMOpsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line for the user, whatever the driver raised
+            raise LLMOpsError(f"cannot open store {redact(self.settings.db_url)}: {type(exc).__name__}: {exc}") from exc
+        self._opened = True
+        return self
+
+    def _ensure_mlflow(self) -> None:
+        """Let MLflow create or check its own tables, then our experiment."""
+        self.experiment_id  # noqa: B018 - creating the client and experiment is the point
+
+    @cached_property
+    def engine(self) -> Engine:
+        return db.engine_for(self.settings.db_url)
+
+    @cached_property
+    def mlflow(self) -> MlflowClient:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        import logging
+
+        from mlflow import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        return MlflowClient(tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.registry_uri)
+
+    @cached_property
+    def experiment_id(self) -> str:
+        exp = self.mlflow.get_experiment_by_name(EXPERIMENT)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.settings.tracking_is_local_db:
+            self.settings.artifact_root.mkdir(parents=True, exist_ok=True)
+            location = self.settings.artifact_root.as_uri()
+        try:
+            return self.mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another process created it first
+            exp = self.mlflow.get_experiment_by_name(EXPERIMENT)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        self.open()
+        with db.session_scope(self.engine) as s:
+            yield s
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "store": str(self.settings.store_dir),
+            "database": redact(self.settings.db_url),
+            "tracking_uri": redact(self.settings.tracking_uri),
+        }

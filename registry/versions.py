@@ -1,0 +1,349 @@
+"""Registered model versions: MLflow holds the version, we hold the bytes' identity.
+
+A registration is one operation across two databases: the MLflow run (with its
+parameters, metrics and the artifact) and model version, then our artifact,
+version, lineage and run rows in one transaction. If our transaction fails,
+the MLflow side is deleted again, so a failed registration leaves no version
+behind. The same bytes registered twice are one artifact and one stored copy
+(MLflow's local artifact store copies bytes, so each blob is logged once).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from llmops.errors import LLMOpsError, UsageError
+from llmops.hashing import sha256_path, size_of
+from llmops.registry import artifacts
+from llmops.registry.refs import Ref, is_ref, parse_ref, validate_name
+from llmops.registry.store import Store, actor
+from llmops.registry.tables import Artifact, LineageEdge, Run, Version, utcnow
+
+ARTIFACT_PATH = "model"
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    version: str
+    uri: str
+    run_id: str | None
+    source: str | None
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    sha256: str | None = None
+    size_bytes: int | None = None
+    format: str | None = None
+    quant: str | None = None
+    stored_uri: str | None = None
+    created_at: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ParentSpec:
+    """What a new version came from: a registry reference or a path on disk."""
+
+    ref_or_path: str
+    relation: str = "converted_from"
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _ms_to_iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat()
+
+
+# -- resolving -----------------------------------------------------------------
+def resolve_model_version(store: Store, ref: Ref | str):  # noqa: ANN201 - mlflow ModelVersion
+    from mlflow.exceptions import MlflowException
+
+    ref = parse_ref(ref, kind="model") if isinstance(ref, str) else ref
+    client = store.open().mlflow
+    try:
+        if ref.alias:
+            return client.get_model_version_by_alias(ref.name, ref.alias)
+        if ref.version == "latest":
+            versions = client.search_model_versions(f"name='{ref.name}'")
+            if not versions:
+                raise LLMOpsError(f"model {ref.name!r} has no versions")
+            return max(versions, key=lambda v: int(v.version))
+        return client.get_model_version(ref.name, str(ref.version))
+    except MlflowException as exc:
+        raise LLMOpsError(f"{ref} not found in the registry") from exc
+
+
+def artifact_for(store: Store, kind: str, name: str, version: str) -> Artifact | None:
+    with store.session() as s:
+        row = s.scalars(
+            select(Version).where(Version.kind == kind, Version.name == name, Version.version == str(version))
+        ).first()
+        return row.artifact if row is not None else None
+
+
+def resolve_artifact(store: Store, ref_or_path: str, session=None) -> Artifact:  # noqa: ANN001
+    """The artifact row for a registry reference (which must exist)."""
+    ref = parse_ref(ref_or_path)
+    if ref.kind == "model":
+        mv = resolve_model_version(store, ref)
+        art = artifact_for(store, "model", mv.name, mv.version)
+    else:
+        art = None
+        with store.session() as s:
+            q = select(Version).where(Version.kind == ref.kind, Version.name == ref.name)
+            if ref.version and ref.version != "latest":
+                q = q.where(Version.version == ref.version)
+            rows = s.scalars(q).all()
+            if rows:
+                art = max(rows, key=lambda r: int(r.version)).artifact
+    if art is None:
+        raise LLMOpsError(f"{ref_or_path} has no llmops record")
+    return art
+
+
+def _parent_artifact(store: Store, session, parent: ParentSpec) -> Artifact:  # noqa: ANN001
+    if is_ref(parent.ref_or_path):
+        art = resolve_artifact(store, parent.ref_or_path)
+        return session.get(Artifact, art.id)
+    path = Path(parent.ref_or_path).expanduser().resolve()
+    if not path.exists():
+        raise UsageError(f"--from {parent.ref_or_path}: no such file or folder")
+    return artifacts.upsert(
+        session,
+        sha256=sha256_path(path),
+        kind="checkpoint",
+        name=path.name,
+        uri=path.as_uri(),
+        size_bytes=size_of(path),
+        meta={"stored": False},
+        created_by=actor(),
+    )
+
+
+# -- registering -----------------------------------------------------------------
+def register(
+    store: Store,
+    path: str | Path,
+    name: str,
+    *,
+    fmt: str | None = None,
+    quant: str | None = None,
+    bits_per_weight: float | None = None,
+    tags: dict[str, str] | None = None,
+    parents: list[ParentSpec] | None = None,
+    params: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    tool_versions: dict[str, str] | None = None,
+    command: str = "models register",
+    sha256: str | None = None,
+) -> VersionInfo:
+    validate_name(name, "model name")
+    src = Path(path).expanduser().resolve()
+    if not src.exists():
+        raise UsageError(f"{path}: no such file or folder")
+    for key in tags or {}:
+        validate_name(key, "tag key")
+    parents = parents or []
+    for p in parents:  # fail on a bad --from before anything is written
+        if is_ref(p.ref_or_path):
+            resolve_artifact(store, p.ref_or_path)
+        elif not Path(p.ref_or_path).expanduser().exists():
+            raise UsageError(f"--from {p.ref_or_path}: no such file or folder")
+
+    store.open()
+    t0 = time.time()
+    sha = sha256 or sha256_path(src)
+    size = size_of(src)
+    with store.session() as s:
+        existing = artifacts.by_sha(s, sha)
+        stored = existing if existing is not None and existing.meta.get("stored") else None
+        stored_uri, stored_source = (stored.uri, stored.meta.get("source")) if stored else (None, None)
+
+    client = store.mlflow
+    source_label = parents[0].ref_or_path if parents else str(src)
+    version_tags = {
+        "format": fmt or "unknown",
+        "quant": quant or "none",
+        "sha256": sha,
+        "size_bytes": str(size),
+        "source": source_label,
+        **({"bits_per_weight": f"{bits_per_weight:.4g}"} if bits_per_weight is not None else {}),
+        **(tags or {}),
+    }
+    run = client.create_run(
+        store.experiment_id,
+        run_name=f"{command.split()[0]}-{name}",
+        tags={"llmops.command": command, "llmops.model": name, "mlflow.user": actor()},
+    )
+    run_id = run.info.run_id
+    created_model = False
+    mv = None
+    try:
+        from mlflow.entities import Metric, Param
+
+        all_params = {"format": fmt, "quant": quant, "sha256": sha, "size_bytes": size, "source": source_label}
+        all_params.update(params or {})
+        ts = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            params=[Param(k, str(v)[:6000]) for k, v in all_params.items() if v is not None],
+            metrics=[Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items() if v is not None],
+            tags=[],
+        )
+        for k, v in (tool_versions or {}).items():
+            client.set_tag(run_id, f"llmops.version.{k}", str(v))
+        if stored is None:
+            if src.is_dir():
+                client.log_artifacts(run_id, str(src), ARTIFACT_PATH)
+                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
+            else:
+                client.log_artifact(run_id, str(src), ARTIFACT_PATH)
+                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}/{src.name}"
+            stored_source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
+        try:
+            client.create_registered_model(name)
+            created_model = True
+        except Exception as exc:  # noqa: BLE001 - already exists is fine
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+        mv = client.create_model_version(name, stored_source, run_id=run_id, tags=version_tags)
+
+        with store.session() as s:
+            art = artifacts.by_sha(s, sha)
+            meta = {"stored": True, "source": stored_source, "is_dir": src.is_dir(), "filename": src.name}
+            if art is None:
+                art = Artifact(
+                    kind="model", name=name, version=str(mv.version), uri=stored_uri, sha256=sha,
+                    size_bytes=size, format=fmt, quant=quant, meta=meta, created_by=actor(),
+                )
+                s.add(art)
+                s.flush()
+            elif not art.meta.get("stored"):
+                # Known before only as a lineage parent (a path outside the store): now it is stored.
+                art.kind, art.uri, art.meta = "model", stored_uri, {**art.meta, **meta}
+                art.format, art.quant = art.format or fmt, art.quant or quant
+            run_row = Run(
+                kind=command.split()[0], command=command, parameters={**all_params, "name": name},
+                tool_versions=tool_versions or {}, status="finished", finished_at=utcnow(),
+                seconds=time.time() - t0, mlflow_run_id=run_id,
+            )
+            s.add(run_row)
+            s.flush()
+            s.add(Version(kind="model", name=name, version=str(mv.version), artifact_id=art.id, mlflow_run_id=run_id))
+            linked: set[tuple[int, str]] = set()
+            for p in parents:
+                parent_art = _parent_artifact(store, s, p)
+                key = (parent_art.id, p.relation)
+                if parent_art.id == art.id or key in linked or s.scalars(select(LineageEdge.id).where(
+                        LineageEdge.parent_id == parent_art.id, LineageEdge.child_id == art.id,
+                        LineageEdge.relation == p.relation)).first() is not None:
+                    continue  # the same parent named twice (by path and by reference) is one edge
+                linked.add(key)
+                s.add(LineageEdge(parent_id=parent_art.id, child_id=art.id, relation=p.relation,
+                                  parameters=p.parameters, run_id=run_row.id))
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
+        raise
+    return show(store, Ref("model", name, str(mv.version)))
+
+
+def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: str | None) -> None:  # noqa: ANN001
+    """Compensate a half-done registration on the MLflow side (best effort).
+
+    MLflow's delete_run is a soft delete that keeps the artifacts; bytes this
+    registration copied into a local store are removed here.
+    """
+    logged = artifacts.local_path(logged_uri) if logged_uri else None
+    for step in (
+        (lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
+        (lambda: client.delete_model_version(name, mv.version)) if mv is not None else None,
+        (lambda: client.delete_registered_model(name)) if created_model else None,
+        lambda: client.delete_run(run_id),
+    ):
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception:  # noqa: BLE001, S110 - best effort; the original error is what matters
+            pass
+
+
+# -- reading ---------------------------------------------------------------------
+def show(store: Store, ref: Ref | str) -> VersionInfo:
+    mv = resolve_model_version(store, ref)
+    art = artifact_for(store, "model", mv.name, mv.version)
+    metrics: dict[str, float] = {}
+    if mv.run_id:
+        try:
+            metrics = dict(store.mlflow.get_run(mv.run_id).data.metrics)
+        except Exception:  # noqa: BLE001 - a deleted run leaves the version readable
+            metrics = {}
+    return VersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        uri=f"models:/{mv.name}/{mv.version}",
+        run_id=mv.run_id,
+        source=mv.source,
+        aliases=list(mv.aliases or []),
+        tags=dict(mv.tags or {}),
+        sha256=art.sha256 if art else (mv.tags or {}).get("sha256"),
+        size_bytes=art.size_bytes if art else None,
+        format=art.format if art else (mv.tags or {}).get("format"),
+        quant=art.quant if art else (mv.tags or {}).get("quant"),
+        stored_uri=art.uri if art else None,
+        created_at=_ms_to_iso(mv.creation_timestamp),
+        metrics=metrics,
+    )
+
+
+def list_models(store: Store) -> list[dict[str, Any]]:
+    client = store.open().mlflow
+    out = []
+    for rm in client.search_registered_models(max_results=1000):
+        versions = client.search_model_versions(f"name='{rm.name}'")
+        latest = max(versions, key=lambda v: int(v.version)) if versions else None
+        out.append(
+            {
+                "name": rm.name,
+                "versions": len(versions),
+                "latest_version": latest.version if latest else None,
+                "aliases": dict(rm.aliases or {}),
+                "format": (latest.tags or {}).get("format") if latest else None,
+                "quant": (latest.tags or {}).get("quant") if latest else None,
+                "updated_at": _ms_to_iso(rm.last_updated_timestamp),
+            }
+        )
+    return sorted(out, key=lambda r: r["name"])
+
+
+def verify(store: Store, ref: str) -> dict[str, Any]:
+    """Re-hash the stored bytes behind a reference and compare with the record."""
+    art = resolve_artifact(store, ref)
+    sha, size = artifacts.rehash(art.uri, store.settings.tracking_uri)
+    ok = sha == art.sha256
+    result = {"ref": ref, "uri": art.uri, "expected_sha256": art.sha256, "actual_sha256": sha,
+              "size_bytes": size, "ok": ok}
+    if not ok:
+        raise VerifyFailed(result)
+    return result
+
+
+class VerifyFailed(LLMOpsError):
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(
+            f"{result['ref']}: stored bytes do not match the record "
+            f"(expected sha256 {result['expected_sha256'][:16]}…, found {result['actual_sha256'][:16]}…)"
+        )
+        self.result = result
