@@ -184,8 +184,10 @@ def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
 def models_register(path: str, name: str, from_: tuple[str, ...], tags: tuple[str, ...]) -> None:
     """Register PATH (a file or folder) as a new version of model NAME."""
     from llmops.artifact_info import describe
+    from llmops.registry.refs import validate_name
     from llmops.registry.versions import ParentSpec, register
 
+    validate_name(name, "model name")
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file or folder")
     info = describe(path)
@@ -339,6 +341,7 @@ def verify(ref: str) -> None:
     except VerifyFailed as exc:
         if _state().json:
             emit(True, {**exc.result, "error": str(exc)})
+            log(f"error: {exc}")
             raise SystemExit(1) from exc
         raise
     out(result, lambda d: f"ok: {d['ref']} sha256 {d['actual_sha256']}")

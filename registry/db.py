@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
@@ -28,14 +27,25 @@ def _on_sqlite_connect(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI hoo
     cur.close()
 
 
-@lru_cache(maxsize=8)
+_ENGINES: dict[str, Engine] = {}
+
+
 def engine_for(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
-        event.listen(engine, "connect", _on_sqlite_connect)
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
+    """One pooled engine per database URL for the life of the process."""
+    engine = _ENGINES.get(url)
+    if engine is None:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
+            event.listen(engine, "connect", _on_sqlite_connect)
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+        _ENGINES[url] = engine
     return engine
+
+
+def dispose_all() -> None:
+    while _ENGINES:
+        _ENGINES.popitem()[1].dispose()
 
 
 @contextmanager

@@ -318,7 +318,7 @@ def list_models(store: Store) -> list[dict[str, Any]]:
             {
                 "name": rm.name,
                 "versions": len(versions),
-                "latest_version": latest.version if latest else None,
+                "latest_version": str(latest.version) if latest else None,
                 "aliases": dict(rm.aliases or {}),
                 "format": (latest.tags or {}).get("format") if latest else None,
                 "quant": (latest.tags or {}).get("quant") if latest else None,

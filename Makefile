@@ -1,0 +1,42 @@
+# One command sets up and runs each job on a fresh machine:
+#   make demo   build the SmolLM2 fixture, convert it to gguf-q4, register both, print how to open the UI
+#   make test   the default test suite (SQLite and PostgreSQL registry tests, tiny models)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmops-installed
+SHARED_EVAL := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
+export LLMOPS_EVAL_TEXT ?= $(if $(wildcard $(SHARED_EVAL)),$(SHARED_EVAL),)
+export GPTQMODEL_CPU_WORKERS ?= 1
+
+.PHONY: install demo test test-slow bench ui clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build: a bare `torch` requirement would pull a multi-GB CUDA build.
+# llama-cpp-python compiles llama.cpp on first install (several minutes on 2 cores; pip caches the wheel).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install "torch==2.13.0"
+	$(BIN)/python -m pip install -e ".[dev,postgres]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_convert.py
+
+ui: $(STAMP)
+	$(BIN)/llmops ui
+
+clean:
+	rm -rf $(VENV) .llmops build dist *.egg-info

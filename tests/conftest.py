@@ -1,0 +1,135 @@
+"""Shared test fixtures: stores on SQLite and PostgreSQL, tiny models, the CLI in-process."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("LLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+SHARED_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def _pg_admin_engine():  # noqa: ANN202
+    from sqlalchemy import create_engine
+
+    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+
+
+def _pg_reachable() -> str | None:
+    try:
+        eng = _pg_admin_engine()
+        with eng.connect() as c:
+            c.exec_driver_sql("SELECT 1")
+        eng.dispose()
+        return None
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class StoreEnv:
+    backend: str
+    store_dir: Path
+    db_url: str
+
+    def store(self):  # noqa: ANN201
+        from llmops.config import resolve
+        from llmops.registry.store import Store
+
+        return Store(resolve(self.store_dir))
+
+
+def _forget_engines() -> None:
+    """Dispose our pooled engines so a dropped database keeps no connection of ours."""
+    from llmops.registry import db
+
+    db.dispose_all()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StoreEnv]:
+    """An empty store, on SQLite (a file in the store folder) or on a fresh PostgreSQL database."""
+    store_dir = tmp_path / "store"
+    monkeypatch.setenv("LLMOPS_STORE", str(store_dir))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    if request.param == "sqlite":
+        monkeypatch.delenv("LLMOPS_DATABASE_URL", raising=False)
+        yield StoreEnv("sqlite", store_dir, f"sqlite:///{store_dir / 'llmops.db'}")
+        _forget_engines()
+        return
+    problem = _pg_reachable()
+    if problem:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {problem}")
+        pytest.skip(f"PostgreSQL not reachable: {problem}")
+    name = f"llmops_test_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin_engine()
+    with admin.connect() as c:
+        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    monkeypatch.setenv("LLMOPS_DATABASE_URL", url)
+    try:
+        yield StoreEnv("postgres", store_dir, url)
+    finally:
+        _forget_engines()
+        with admin.connect() as c:
+            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    def json(self):  # noqa: ANN201
+        import json
+
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """Run ``llmops ARGS`` in this process (mlflow imported once for the whole session)."""
+    from llmops.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Tiny random models, built once per session per architecture."""
+    from llmops.tiny_models import tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = tiny_model(arch, root / arch)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def eval_text_path() -> Path:
+    env = os.environ.get("LLMOPS_EVAL_TEXT")
+    if env and Path(env).is_file():
+        return Path(env)
+    if SHARED_WIKITEXT.is_file():
+        return SHARED_WIKITEXT
+    pytest.skip("no eval text: set LLMOPS_EVAL_TEXT")
