@@ -241,20 +241,35 @@ def prompts() -> None:
 
 @prompts.command("add")
 @click.argument("name")
-@click.option("--template")
-@click.option("--file", type=click.Path(dir_okay=False))
-@click.option("-m", "--message")
+@click.option("--template", help="The template text ({{variable}} placeholders).")
+@click.option("--file", "file_", type=click.Path(dir_okay=False), help="Read the template from a file.")
+@click.option("-m", "--message", help="Commit message of this version.")
 @common
-def prompts_add(**_: Any) -> None:
-    """Add a version of prompt NAME."""
-    raise NotAvailable(f"llmops prompts {NOT_YET}")
+def prompts_add(name: str, template: str | None, file_: str | None, message: str | None) -> None:
+    """Add a version of prompt NAME (nothing new when the template is unchanged)."""
+    from pathlib import Path
+
+    from llmops.registry import prompts as p
+
+    if (template is None) == (file_ is None):
+        raise UsageError("give exactly one of --template TEXT or --file F")
+    if file_ is not None:
+        if not Path(file_).is_file():
+            raise UsageError(f"{file_}: no such file")
+        template = Path(file_).read_text(encoding="utf-8")
+    info = p.add(_state().store(), name, template or "", message)
+    out(info.to_dict(), lambda d: f"{'added' if d['created'] else 'unchanged'} {d['uri']} (sha256 {d['sha256'][:16]}…)")
 
 
 @prompts.command("list")
 @common
 def prompts_list() -> None:
     """List prompts."""
-    raise NotAvailable(f"llmops prompts {NOT_YET}")
+    from llmops.registry import prompts as p
+
+    rows = p.list_prompts(_state().store())
+    out(rows, lambda rs: table([[r["name"], r["latest_version"], r["message"] or ""] for r in rs],
+                               ["NAME", "LATEST", "MESSAGE"]) if rs else "no prompts")
 
 
 @prompts.command("show")
@@ -262,7 +277,10 @@ def prompts_list() -> None:
 @common
 def prompts_show(ref: str) -> None:
     """Show prompts:/NAME/VERSION or prompts:/NAME@ALIAS."""
-    raise NotAvailable(f"llmops prompts {NOT_YET}")
+    from llmops.registry import prompts as p
+
+    info = p.show(_state().store(), ref)
+    out(info.to_dict(), lambda d: f"{d['uri']}  {d['message'] or ''}\n{d['template']}")
 
 
 @prompts.command("diff")
@@ -272,7 +290,13 @@ def prompts_show(ref: str) -> None:
 @common
 def prompts_diff(name: str, v1: str, v2: str) -> None:
     """Unified diff between two versions of a prompt."""
-    raise NotAvailable(f"llmops prompts {NOT_YET}")
+    from llmops.registry import prompts as p
+    from llmops.registry.refs import parse_ref
+
+    parse_ref(f"prompts:/{name}/{v1}")
+    parse_ref(f"prompts:/{name}/{v2}")
+    text = p.diff(_state().store(), name, v1, v2)
+    out({"name": name, "from": v1, "to": v2, "diff": text}, lambda d: d["diff"] or "(identical)")
 
 
 @cli.group()
@@ -283,18 +307,29 @@ def datasets() -> None:
 @datasets.command("add")
 @click.argument("name")
 @click.argument("path", type=click.Path())
-@click.option("-m", "--message")
+@click.option("-m", "--message", help="What changed in this version.")
 @common
-def datasets_add(**_: Any) -> None:
-    """Add a version of dataset NAME from PATH."""
-    raise NotAvailable(f"llmops datasets {NOT_YET}")
+def datasets_add(name: str, path: str, message: str | None) -> None:
+    """Add a version of dataset NAME from PATH (nothing new when the content is unchanged)."""
+    from llmops.registry import datasets as ds
+    from llmops.registry.refs import validate_name
+
+    validate_name(name, "dataset name")
+    info = ds.add(_state().store(), name, path, message)
+    out(info.to_dict(), lambda d: f"{'added' if d['created'] else 'unchanged'} {d['uri']} "
+                                  f"({d['format']}, {d['records']} records, {d['size_bytes']} bytes)")
 
 
 @datasets.command("list")
 @common
 def datasets_list() -> None:
     """List datasets."""
-    raise NotAvailable(f"llmops datasets {NOT_YET}")
+    from llmops.registry import datasets as ds
+
+    rows = ds.list_datasets(_state().store())
+    out(rows, lambda rs: table([[r["name"], r["latest_version"], r["format"], r["records"], r["size_bytes"],
+                                 r["sha256"][:16]] for r in rs],
+                               ["NAME", "LATEST", "FORMAT", "RECORDS", "BYTES", "SHA256"]) if rs else "no datasets")
 
 
 @datasets.command("show")
@@ -302,7 +337,10 @@ def datasets_list() -> None:
 @common
 def datasets_show(ref: str) -> None:
     """Show datasets:/NAME/VERSION."""
-    raise NotAvailable(f"llmops datasets {NOT_YET}")
+    from llmops.registry import datasets as ds
+
+    info = ds.show(_state().store(), ref)
+    out(info.to_dict(), lambda d: "\n".join(f"{k}: {v}" for k, v in d.items() if k != "created"))
 
 
 # -- lineage / verify -------------------------------------------------------------------
@@ -341,8 +379,7 @@ def verify(ref: str) -> None:
     except VerifyFailed as exc:
         if _state().json:
             emit(True, {**exc.result, "error": str(exc)})
-            log(f"error: {exc}")
-            raise SystemExit(1) from exc
+            exc.reported = True
         raise
     out(result, lambda d: f"ok: {d['ref']} sha256 {d['actual_sha256']}")
 
@@ -351,18 +388,45 @@ def verify(ref: str) -> None:
 @cli.command()
 @click.argument("name")
 @click.argument("version")
-@click.option("--to", "alias", default="production", show_default=True)
+@click.option("--to", "alias", default="production", show_default=True, help="The alias to move.")
 @click.option("--gate", "gates", multiple=True, help='"METRIC OP VALUE", e.g. "ppl_ratio <= 1.05" (repeatable).')
-@click.option("--prompt")
-@click.option("--hardware")
-@click.option("--stage")
-@click.option("--dry-run", is_flag=True)
-@click.option("--force", is_flag=True)
-@click.option("--reason")
+@click.option("--prompt", help="The prompt version served with the model (prompts:/NAME/VERSION).")
+@click.option("--hardware", help="Use results from this hardware fingerprint (prefix); default: the newest.")
+@click.option("--stage", help="Also set this (deprecated) MLflow stage, for old tooling.")
+@click.option("--dry-run", is_flag=True, help="Evaluate the gates; change nothing.")
+@click.option("--force", is_flag=True, help="Move the alias even if a gate fails (needs --reason).")
+@click.option("--reason", help="Why, for the audit trail.")
 @common
-def promote(**_: Any) -> None:
-    """Move alias --to onto NAME VERSION when every gate passes (exit 1 otherwise)."""
-    raise NotAvailable(f"llmops promote {NOT_YET}")
+def promote(name: str, version: str, alias: str, gates: tuple[str, ...], prompt: str | None, hardware: str | None,
+            stage: str | None, dry_run: bool, force: bool, reason: str | None) -> None:
+    """Move alias --to onto NAME VERSION when every gate passes (exit 1 and nothing moves otherwise)."""
+    from llmops.errors import GateFailed
+    from llmops.registry.gates import parse_gate
+    from llmops.registry.promotion import promote as do_promote
+
+    parsed = [parse_gate(g) for g in gates]
+    if force and not reason:
+        raise UsageError("--force needs --reason TEXT (it goes into the audit trail)")
+    r = do_promote(_state().store(), name, version, alias=alias, gates=parsed, prompt=prompt, hardware=hardware,
+                   stage=stage, dry_run=dry_run, force=force, reason=reason).to_dict()
+
+    def render(d: dict[str, Any]) -> str:
+        rows = [[g["metric"], "-" if g["measured"] is None else f"{g['measured']:.6g}", f"{g['op']} {g['threshold']:g}",
+                 "pass" if g["passed"] else "FAIL", g["note"] or ""] for g in d["gates"]]
+        head = table(rows, ["METRIC", "MEASURED", "THRESHOLD", "RESULT", "NOTE"]) if rows else "(no gates)"
+        if d["dry_run"]:
+            tail = f"dry run: would {'move' if d['verdict'] == 'passed' else 'not move'} @{d['alias']}"
+        elif d["moved"]:
+            tail = (f"{d['verdict']}: models:/{d['model']}@{d['alias']} -> version {d['version']}"
+                    f" (was {d['previous_version'] or 'unset'})")
+        else:
+            tail = f"failed: @{d['alias']} stays on {d['previous_version'] or 'nothing'}"
+        return head + "\n" + tail
+
+    out(r, render)
+    if r["verdict"] == "failed":
+        raise GateFailed(f"promotion of models:/{name}/{version} to @{alias} failed its gates"
+                         + (" (dry run)" if dry_run else ""))
 
 
 @cli.group()
@@ -374,8 +438,15 @@ def promotions() -> None:
 @click.argument("name")
 @common
 def promotions_list(name: str) -> None:
-    """Every promotion attempt for model NAME."""
-    raise NotAvailable(f"llmops promotions {NOT_YET}")
+    """Every promotion attempt for model NAME, oldest first."""
+    from llmops.registry.promotion import audit
+
+    rows = audit(_state().store(), name)
+    out(rows, lambda rs: table(
+        [[r["id"], str(r["created_at"])[:19], r["version"], r["alias"], r["previous_version"] or "-", r["verdict"],
+          r["actor"], "; ".join(f"{g['gate']}={'-' if g['measured'] is None else format(g['measured'], '.4g')}"
+                                for g in r["gates"]), r["ci"].get("job_url", "")] for r in rs],
+        ["ID", "TIME", "VERSION", "ALIAS", "PREVIOUS", "VERDICT", "ACTOR", "GATES", "CI"]) if rs else f"no promotions of {name}")
 
 
 # -- ui / db / fixtures -------------------------------------------------------------------
@@ -467,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=args, prog_name="llmops", standalone_mode=False)
         return 0
     except LLMOpsError as exc:
-        return _fail(str(exc), exc.exit_code, json_mode)
+        return _fail(str(exc), exc.exit_code, json_mode and not exc.reported)
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:

@@ -7,6 +7,9 @@ class LLMOpsError(Exception):
     """A failure the user can act on; its message is shown as-is, on one line."""
 
     exit_code = 1
+    # True when the command already printed its JSON document (a failed gate's table):
+    # the CLI then adds only the one-line reason on stderr.
+    reported = False
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(" ".join(str(message).split()))
@@ -30,3 +33,4 @@ class GateFailed(LLMOpsError):
     """A promotion gate did not pass: exit 1 and nothing moved."""
 
     exit_code = 1
+    reported = True

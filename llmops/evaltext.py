@@ -7,7 +7,6 @@ a path the caller names, ``LLMOPS_EVAL_TEXT``, a cached copy, or a fresh downloa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import urllib.request
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from llmops.errors import LLMOpsError
 from llmops.fixtures import cache_dir
+from llmops.hashing import sha256_text
 
 ENV_VAR = "LLMOPS_EVAL_TEXT"
 FILE_NAME = "wiki.test.raw"
@@ -52,10 +52,6 @@ class EvalText:
 def normalise(text: str) -> str:
     """CRLF to LF, as published evaluations do before tokenizing."""
     return text.replace("\r\n", "\n")
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def cached_path() -> Path:

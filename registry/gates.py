@@ -1,0 +1,84 @@
+"""Promotion gates: ``METRIC OP NUMBER`` parsed strictly, evaluated against measured values.
+
+MLflow's own gate primitive (``MetricThreshold`` / ``validate_evaluation_results``)
+compares an evaluation against a baseline model's evaluation; our gates compare
+recorded benchmark metrics (and ratios against the alias holder) with fixed
+thresholds in any direction, and a missing metric must fail with a hint, so the
+small evaluator lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llmops.errors import UsageError
+
+OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
+_GATE = re.compile(r"^\s*(?P<metric>[a-z][a-z0-9_]{0,63})\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
+
+# Where each metric comes from, for the hint on a missing one.
+HINTS = {
+    "ppl": "llmops bench REF --metrics accuracy",
+    "kld": "llmops bench REF --metrics accuracy --baseline SOURCE",
+    "top1": "llmops bench REF --metrics accuracy --baseline SOURCE",
+    "decode_tps": "llmops bench REF --metrics latency",
+    "prefill_tps": "llmops bench REF --metrics latency",
+    "ttft_ms": "llmops bench REF --metrics latency",
+    "peak_rss_mb": "llmops bench REF --metrics memory",
+    "load_s": "llmops bench REF --metrics memory",
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    metric: str
+    op: str
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.threshold:g}"
+
+
+def parse_gate(text: str) -> Gate:
+    m = _GATE.match(text or "")
+    if not m:
+        raise UsageError(f"invalid gate {text!r}: expected 'METRIC OP NUMBER' with OP one of {' '.join(OPS)}, "
+                         "e.g. 'ppl_ratio <= 1.05'")
+    value = float(m.group("value"))
+    if not math.isfinite(value):
+        raise UsageError(f"invalid gate {text!r}: threshold must be a finite number")
+    return Gate(m.group("metric"), m.group("op"), value)
+
+
+@dataclass
+class GateResult:
+    gate: str
+    metric: str
+    op: str
+    threshold: float
+    measured: float | None
+    passed: bool
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(gates: list[Gate], metrics: dict[str, float]) -> list[GateResult]:
+    results = []
+    for g in gates:
+        value = metrics.get(g.metric)
+        if value is None:
+            base = g.metric[: -len("_ratio")] if g.metric.endswith("_ratio") else g.metric
+            hint = HINTS.get(base, "llmops bench REF")
+            note = (f"no {g.metric} recorded: run `{hint}`"
+                    + (" for this version and the alias holder" if g.metric.endswith("_ratio") else ""))
+            results.append(GateResult(str(g), g.metric, g.op, g.threshold, None, False, note))
+            continue
+        ok = bool(OPS[g.op](value, g.threshold)) and math.isfinite(value)
+        results.append(GateResult(str(g), g.metric, g.op, g.threshold, value, ok))
+    return results
