@@ -27,6 +27,7 @@ demo: $(STAMP)
 	@bash scripts/demo.sh
 
 test: $(STAMP)
+	@bash scripts/install-browser.sh
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP)

@@ -96,7 +96,7 @@ def graph(session: Session, artifact_id: int, direction: str = "up") -> Graph:
 
 def _label(n: Node) -> str:
     what = n.labels[0] if n.labels else n.name
-    fmt = "/".join(x for x in (n.format, n.quant) if x and x != "none")
+    fmt = "/".join(x for x in (n.format, n.quant) if x and x not in ("none", n.kind))
     return f"{what} [{n.kind}{', ' + fmt if fmt else ''}] sha256:{n.sha256[:12]}"
 
 

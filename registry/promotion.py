@@ -142,6 +142,10 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
                                       parameters={"prompt": prompt, "alias": alias}))
             s.flush()
             result.audit_id = row.id
+        if prompt_art is not None and moved and mv.run_id:
+            from llmops.registry.versions import _draw_lineage
+
+            _draw_lineage(store, _artifact(store, name, version).id, mv.run_id)
     return result
 
 

@@ -256,7 +256,20 @@ def register(
     except BaseException:
         _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
         raise
+    _draw_lineage(store, art.id, run_id)
     return show(store, Ref("model", name, str(mv.version)))
+
+
+def _draw_lineage(store: Store, artifact_id: int, run_id: str) -> None:
+    """The lineage picture is a convenience for the UI: its failure must not undo a registration."""
+    try:
+        from llmops.registry.pictures import log_lineage_picture
+
+        log_lineage_picture(store, artifact_id, run_id)
+    except Exception as exc:  # noqa: BLE001
+        import sys
+
+        sys.stderr.write(f"warning: could not draw the lineage picture: {exc}\n")
 
 
 def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: str | None) -> None:  # noqa: ANN001

@@ -38,6 +38,8 @@ def test_register_show_and_mlflow_finds_it(store_env, cli, tiny_models) -> None:
     assert run.data.params["sha256"] == reg["sha256"]
     stored = [a.path for a in client.list_artifacts(mv.run_id, "model")]
     assert "model/model.safetensors" in stored and "model/config.json" in stored
+    pictures = [a.path for a in client.list_artifacts(mv.run_id, "lineage")]
+    assert "lineage/lineage.png" in pictures and "lineage/lineage.mmd" in pictures
 
 
 def test_same_bytes_are_one_artifact_and_one_copy(store_env, cli, tmp_path) -> None:
