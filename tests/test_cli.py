@@ -50,10 +50,6 @@ def test_every_command_of_the_contract_is_listed() -> None:
     [
         ["bench", "x.gguf"],
         ["bench", "compare", "models:/a/1"],
-        ["prompts", "list"],
-        ["datasets", "list"],
-        ["promote", "m", "1", "--gate", "ppl < 30"],
-        ["promotions", "list", "m"],
     ],
 )
 def test_commands_not_in_this_version_say_so_and_exit_2(args: list[str], cli) -> None:

@@ -1,0 +1,1 @@
+"""GGUF conversion: architecture families, vocabulary export, metadata, streaming writer, llama.cpp quantizers."""
