@@ -1,0 +1,188 @@
+"""Conversion benchmark: our GGUF converter against llama.cpp's own tools.
+
+    python benchmarks/bench_convert.py [--runs 3] [--skip-3b] [--workdir DIR]
+
+Measures wall time and peak RSS (each run in a fresh process, ``wait4`` rusage) of
+
+* F16: ``llmops`` convert vs llama.cpp's ``convert_hf_to_gguf.py``;
+* gguf-q4 (Q4_K_M) end to end: ``llmops`` convert vs ``convert_hf_to_gguf.py --outtype f16``
+  followed by llama.cpp's quantizer (``llama_model_quantize``);
+* peak RSS of our F16 conversion of a synthetic ~3B-parameter bf16 safetensors checkpoint
+  written to a temporary folder (streaming, so it must stay far below the model size).
+
+on the SmolLM2-135M fixture, and prints a markdown table of medians with ratios against
+the reference run in the same invocation. llama.cpp's converter is taken from the
+llama-cpp-python source distribution (fetched with pip into the llmops cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+LLAMA_CPP_PYTHON = "0.3.36"
+FTYPE_Q4_K_M = 15
+
+
+def reference_converter_script() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python sdist (cached; never part of the project)."""
+    from llmops.fixtures import cache_dir
+
+    root = cache_dir() / "reference" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
+    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    dl = root.parent / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], cwd=dl, check=True,
+                   capture_output=True)
+    tar = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    with tarfile.open(tar) as tf:
+        members = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name and (
+            "/conversion/" in m.name or "/gguf-py/" in m.name or m.name.endswith("convert_hf_to_gguf.py"))]
+        tf.extractall(root.parent, members=members, filter="data")
+    return script
+
+
+def run_measured(cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
+    """Run commands one after another; (total wall seconds, max peak RSS bytes of any of them)."""
+    total, peak = 0.0, 0
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    for cmd in cmds:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, ru = os.wait4(p.pid, 0)
+        total += time.perf_counter() - t0
+        err = p.stderr.read().decode("utf-8", "replace") if p.stderr else ""
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
+        peak = max(peak, ru.ru_maxrss * 1024)
+    return total, peak
+
+
+def ours(src: Path, target: str, out: Path) -> list[list[str]]:
+    code = ("import sys; from llmops.converters.api import convert; "
+            "convert(sys.argv[1], sys.argv[2], sys.argv[3], verify=False)")
+    return [[sys.executable, "-c", code, str(src), target, str(out)]]
+
+
+def reference(script: Path, src: Path, out_f16: Path, quantize_to: Path | None = None) -> list[list[str]]:
+    cmds = [[sys.executable, str(script), str(src), "--outtype", "f16", "--outfile", str(out_f16)]]
+    if quantize_to is not None:
+        code = ("import sys; from llmops.converters.gguf.quantize import llama_model_quantize; "
+                f"llama_model_quantize(sys.argv[1], sys.argv[2], {FTYPE_Q4_K_M})")
+        cmds.append([sys.executable, "-c", code, str(out_f16), str(quantize_to)])
+    return cmds
+
+
+def median_of(runs: int, cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
+    res = [run_measured(cmds, cwd) for _ in range(runs)]
+    return statistics.median(r[0] for r in res), int(statistics.median(r[1] for r in res))
+
+
+def write_synthetic(dest: Path, tokenizer_from: Path, *, layers: int = 30, hidden: int = 3072,
+                    intermediate: int = 8192, heads: int = 24, kv_heads: int = 8, vocab: int = 49152) -> int:
+    """A Llama-shaped bf16 safetensors checkpoint (~3.2B parameters with the defaults), written streaming."""
+    import numpy as np
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_from / f).is_file():
+            (dest / f).write_bytes((tokenizer_from / f).read_bytes())
+    head_dim = hidden // heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+        })
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = np.random.default_rng(0)
+    block = (rng.normal(0, 0.02, size=8 << 20).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+    with open(dest / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        left = off
+        while left:
+            chunk = block[: min(len(block), left)]
+            f.write(chunk)
+            left -= len(chunk)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "bos_token_id": 1, "eos_token_id": 2,
+    }
+    (dest / "config.json").write_text(json.dumps(config))
+    return sum(int(np.prod(s)) for s in shapes.values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--skip-3b", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+
+    from llmops.fixtures import smollm2_checkpoint
+
+    src = smollm2_checkpoint()
+    script = reference_converter_script()
+    with tempfile.TemporaryDirectory(prefix="llmops-bench-", dir=args.workdir) as d:
+        wd = Path(d)
+        rows = []
+        t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16.gguf"), script.parent)
+        t_our, m_our = median_of(args.runs, ours(src, "gguf-f16", wd / "our-f16.gguf"), wd)
+        rows.append(("F16", t_our, m_our, "convert_hf_to_gguf.py --outtype f16", t_ref, m_ref))
+        t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16b.gguf", wd / "ref-q4.gguf"),
+                                 script.parent)
+        t_our, m_our = median_of(args.runs, ours(src, "gguf-q4", wd / "our-q4.gguf"), wd)
+        rows.append(("gguf-q4 (Q4_K_M)", t_our, m_our, "convert f16 + llama_model_quantize", t_ref, m_ref))
+
+        print(f"SmolLM2-135M fp32 ({src}), medians of {args.runs} runs, {os.cpu_count()} CPU(s)\n")
+        print("| target | llmops time | llmops peak RSS | reference | ref time | ref peak RSS | time ratio | RSS ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, t, m, ref, tr, mr in rows:
+            print(f"| {name} | {t:.2f} s | {m / 1e6:.0f} MB | {ref} | {tr:.2f} s | {mr / 1e6:.0f} MB "
+                  f"| {t / tr:.2f}x | {m / mr:.2f}x |")
+        sys.stdout.flush()
+
+        if not args.skip_3b:
+            big = wd / "synthetic-3b"
+            t0 = time.perf_counter()
+            n = write_synthetic(big, src)
+            size = (big / "model.safetensors").stat().st_size
+            print(f"\nsynthetic checkpoint: {n / 1e9:.2f}B parameters, bf16, {size / 1e9:.1f} GB "
+                  f"(written in {time.perf_counter() - t0:.0f} s)\n")
+            t, m = run_measured(ours(big, "gguf-f16", wd / "big-f16.gguf"), wd)
+            (wd / "big-f16.gguf").unlink(missing_ok=True)
+            print("| checkpoint | target | llmops time | llmops peak RSS | target |")
+            print("|---|---|---|---|---|")
+            print(f"| synthetic {n / 1e9:.2f}B bf16 | F16 | {t:.1f} s | {m / 1e6:.0f} MB | < 1000 MB |")
+
+
+if __name__ == "__main__":
+    main()

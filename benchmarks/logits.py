@@ -1,0 +1,283 @@
+"""Logits runners (one per backend) and the child process they run in.
+
+A runner turns token ids into next-token logits. Each backend loads native code
+(llama.cpp, torch) that can crash or run out of memory, so evaluation runs the
+runner in a *child interpreter*: a segfault or an OOM kill becomes a one-line
+:class:`LLMOpsError` in the parent instead of a dead CLI. Logits go to a
+``.npy`` file in a temporary folder; the parent reads them back
+chunk by chunk.
+
+Chunking mirrors llama.cpp's ``llama-perplexity`` (its default, non-strided
+method), so our numbers are comparable with its output:
+
+1. tokenize the whole text once with the GGUF's tokenizer, adding BOS only if the
+   vocabulary's ``add_bos`` flag says so (``common_tokenize(ctx, text, true)``);
+2. cut it into ``n_chunk = min(chunks, len // n_ctx)`` windows of ``n_ctx`` tokens;
+3. when ``add_bos``, the first token of every window is replaced by BOS;
+4. each window is evaluated from an empty KV cache, and only its second half is
+   scored: logits at positions ``n_ctx/2 .. n_ctx-2`` predict tokens
+   ``n_ctx/2+1 .. n_ctx-1`` (``n_ctx - n_ctx/2 - 1`` tokens per window);
+5. perplexity = exp(sum NLL / count) over all scored tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from llmops.errors import LLMOpsError
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    backend: str  # "llama.cpp" or "torch"
+    path: str  # a .gguf file, or a checkpoint folder/file for torch
+    n_ctx: int = 512
+    threads: int | None = None
+
+
+class LogitsRunner(Protocol):
+    vocab_size: int
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """[len(tokens), vocab] float32 logits for one sequence evaluated from an empty cache."""
+        ...
+
+
+# ----------------------------------------------------------------------------------------------
+# runners
+
+
+class LlamaCppRunner:
+    def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
+                 kv_f32: bool = False) -> None:
+        import llama_cpp
+
+        if not Path(path).is_file():
+            raise LLMOpsError(f"{path}: no such GGUF file")
+        threads = threads or os.cpu_count() or 1
+        try:
+            with _model_params(use_extra_bufts=_extra_bufts_ok()):
+                self.llm = llama_cpp.Llama(
+                    model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                    n_threads=threads, n_threads_batch=threads, vocab_only=vocab_only, verbose=False,
+                    **({"type_k": 0, "type_v": 0} if kv_f32 else {}),  # GGML_TYPE_F32 KV cache
+                )
+        except ValueError as e:
+            raise LLMOpsError(f"llama.cpp cannot load {path}: {e}") from None
+        self.vocab_size = self.llm.n_vocab()
+        vocab = self.llm._model.vocab
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        self.bos_id = int(llama_cpp.llama_vocab_bos(vocab))
+
+    def tokenize(self, text: str) -> np.ndarray:
+        # add_special=True: BOS only if the vocabulary asks for it; specials in the text are plain text
+        return np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval([int(t) for t in tokens])
+        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def _extra_bufts_ok() -> bool:
+    """Whether to let llama.cpp repack weights into its CPU extra buffer types (see _model_params)."""
+    env = os.environ.get("LLMOPS_LLAMA_EXTRA_BUFTS")
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "amx_int8" not in f.read()
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def _model_params(**overrides: Any) -> Iterator[None]:
+    """Set llama_model_params fields that llama-cpp-python's Llama() does not expose.
+
+    ``use_extra_bufts``: llama.cpp's CPU "extra" buffer types repack weights for AMX and
+    AVX2/AVX512 kernels. The AMX matmul of the llama.cpp bundled with llama-cpp-python
+    0.3.36 crashes (SIGSEGV) on quantized weights, so on CPUs with AMX the extra buffer
+    types are off (LLMOPS_LLAMA_EXTRA_BUFTS=1/0 forces either way). Logits agree to
+    float rounding either way: the weights are the same, only the kernels differ.
+    """
+    import llama_cpp.llama as ll
+
+    orig = ll.llama_cpp.llama_model_default_params
+
+    def patched() -> Any:
+        p = orig()
+        for k, v in overrides.items():
+            setattr(p, k, v)
+        return p
+
+    ll.llama_cpp.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        ll.llama_cpp.llama_model_default_params = orig
+
+
+class TorchRunner:
+    """A Hugging Face checkpoint (folder, or bare weights file with config.json beside it) on CPU in float32."""
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = load_torch_model(path)
+        self.vocab_size = int(self.model.config.vocab_size)
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
+            out = self.model(input_ids=ids, use_cache=False).logits[0]
+        return out.float().numpy()
+
+
+def load_torch_model(path: str) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(path)
+    if p.is_dir() and (any(p.glob("*.safetensors")) or any(p.glob("pytorch_model*.bin"))):
+        return AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()
+    # bare weights or *.pth: build from config.json and load through the safe loader
+    from llmops.converters.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(p)
+    config = AutoConfig.from_pretrained(ckpt.root)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    sd = {n: torch.from_numpy(np.array(ckpt.float32(n))) for n in ckpt.names()}
+    model.load_state_dict(sd, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+def make_runner(spec: RunnerSpec) -> LogitsRunner:
+    if spec.backend == "llama.cpp":
+        return LlamaCppRunner(spec.path, spec.n_ctx, spec.threads)
+    if spec.backend == "torch":
+        return TorchRunner(spec.path, spec.threads)
+    raise LLMOpsError(f"unknown runner backend {spec.backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# perplexity windows
+
+
+@dataclass
+class Windows:
+    inputs: np.ndarray  # [n_chunk, n_ctx] token ids fed to the model (BOS substituted when add_bos)
+    targets: np.ndarray  # [n_chunk, n_ctx - first - 1] ids scored
+    first: int
+    n_ctx: int
+    n_tokens: int  # tokens in the whole text
+
+    @property
+    def n_chunk(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def make_windows(tokens: np.ndarray, n_ctx: int, chunks: int | None, add_bos: bool, bos_id: int) -> Windows:
+    tokens = np.asarray(tokens, dtype=np.int32)
+    if len(tokens) < 2 * n_ctx:
+        raise LLMOpsError(f"the eval text tokenizes to {len(tokens)} tokens; perplexity with a context of {n_ctx} "
+                          f"needs at least {2 * n_ctx}")
+    n_max = len(tokens) // n_ctx
+    n = n_max if chunks is None or chunks < 0 else min(chunks, n_max)
+    first = n_ctx // 2
+    inputs = tokens[: n * n_ctx].reshape(n, n_ctx).copy()
+    targets = inputs[:, first + 1:].copy()
+    if add_bos:
+        inputs[:, 0] = bos_id
+    return Windows(inputs, targets, first, n_ctx, len(tokens))
+
+
+# ----------------------------------------------------------------------------------------------
+# the child process
+#
+# A fresh interpreter (subprocess, not multiprocessing) so that it works whatever the caller's
+# __main__ is; the job and the reply are small JSON files, bulk data goes through .npy files.
+
+
+def _do_job(job: dict[str, Any]) -> dict[str, Any]:
+    spec = RunnerSpec(**job["spec"])
+    if job["kind"] == "tokenize":
+        r = LlamaCppRunner(spec.path, spec.n_ctx, spec.threads, vocab_only=True)
+        text = Path(job["text_file"]).read_text(encoding="utf-8")
+        np.save(job["out"], r.tokenize(text))
+        return {"ok": True, "add_bos": r.add_bos, "bos_id": r.bos_id, "vocab_size": r.vocab_size}
+    runner = make_runner(spec)
+    inputs = np.load(job["inputs"])
+    first, last = job["first"], job["last"]
+    out = np.lib.format.open_memmap(job["out"], mode="w+", dtype=np.float32,
+                                    shape=(inputs.shape[0], last - first, runner.vocab_size))
+    for i in range(inputs.shape[0]):
+        out[i] = runner.logits(inputs[i])[first:last]
+    out.flush()
+    del out
+    return {"ok": True, "vocab_size": runner.vocab_size}
+
+
+def child_main(job_file: str) -> int:
+    job = json.loads(Path(job_file).read_text())
+    try:
+        reply = _do_job(job)
+    except LLMOpsError as e:
+        reply = {"ok": False, "error": str(e)}
+    except MemoryError:
+        reply = {"ok": False, "error": "out of memory"}
+    except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
+        reply = {"ok": False, "error": traceback.format_exception_only(type(e), e)[-1].strip()}
+    Path(job["reply"]).write_text(json.dumps(reply))
+    return 0
+
+
+def run_in_child(job: dict[str, Any], what: str, workdir: str | Path, timeout: float | None = None) -> dict[str, Any]:
+    """Run a runner job in a child interpreter; native crashes and OOM kills become LLMOpsError."""
+    import signal
+    import subprocess
+    import sys
+
+    wd = Path(workdir)
+    job = {**job, "reply": str(wd / f"reply-{os.getpid()}-{id(job)}.json")}
+    job_file = wd / f"job-{os.getpid()}-{id(job)}.json"
+    job_file.write_text(json.dumps(job))
+    code = "import sys; from llmops.benchmarks.logits import child_main; sys.exit(child_main(sys.argv[1]))"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(job_file)], cwd=wd, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LLMOpsError(f"{what} timed out after {timeout:.0f}s") from None
+    reply_file = Path(job["reply"])
+    if reply_file.is_file():
+        reply = json.loads(reply_file.read_text())
+        if not reply.get("ok"):
+            raise LLMOpsError(f"{what} failed: {reply.get('error')}")
+        return reply
+    rc = proc.returncode
+    if rc < 0:
+        try:
+            sig = signal.Signals(-rc).name
+        except ValueError:
+            sig = f"signal {-rc}"
+        reason = "was killed (out of memory?)" if -rc == signal.SIGKILL else f"crashed ({sig})"
+    else:
+        tail = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        reason = f"exited with code {rc}" + (f": {tail[-1].strip()[:200]}" if tail else "")
+    raise LLMOpsError(f"{what} {reason}")

@@ -1,0 +1,128 @@
+"""Accuracy and memory metrics, written once for every format.
+
+All functions take logits as ``[tokens, vocab]`` arrays and work chunk by chunk, so
+a whole evaluation never needs more than one chunk's logits per model in memory.
+
+* per-token negative log-likelihood, perplexity = exp(mean NLL);
+* KL-divergence KL(P_source || Q_artifact) per token, averaged (natural log, nats),
+  the same quantity llama.cpp's ``perplexity --kl-divergence`` reports as "Mean KLD";
+* top-1 agreement: how often the artifact's most likely next token equals the source's.
+
+Sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64-accurate form (computed in float64 per row block)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """NLL of ``targets[i]`` under ``logits[i]`` for each row i."""
+    lp = log_softmax(logits)
+    t = np.asarray(targets, dtype=np.int64)
+    return -lp[np.arange(lp.shape[0]), t]
+
+
+def perplexity(nll: np.ndarray | list[float]) -> float:
+    a = np.asarray(nll, dtype=np.float64)
+    return float(math.exp(a.mean())) if a.size else float("nan")
+
+
+def token_kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """KL(P||Q) per row, P the reference (source) distribution."""
+    lp = log_softmax(p_logits)
+    lq = log_softmax(q_logits)
+    kld = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    return np.maximum(kld, 0.0)  # rounding can give -1e-17
+
+
+def top1_agreement(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    return np.argmax(p_logits, axis=-1) == np.argmax(q_logits, axis=-1)
+
+
+@dataclass
+class StreamingAccuracy:
+    """Accumulate PPL (both models), KLD and top-1 over chunks of scored positions."""
+
+    count: int = 0
+    nll_source: float = 0.0
+    nll_output: float = 0.0
+    kld_sum: float = 0.0
+    top1_hits: int = 0
+    kld_values: list[float] = field(default_factory=list)
+
+    def add(self, source_logits: np.ndarray | None, output_logits: np.ndarray, targets: np.ndarray) -> None:
+        n = len(targets)
+        self.nll_output += float(token_nll(output_logits, targets).sum())
+        if source_logits is not None:
+            self.nll_source += float(token_nll(source_logits, targets).sum())
+            k = token_kld(source_logits, output_logits)
+            self.kld_sum += float(k.sum())
+            self.kld_values.extend(k.tolist())
+            self.top1_hits += int(top1_agreement(source_logits, output_logits).sum())
+        self.count += n
+
+    def result(self) -> dict[str, float | None]:
+        if self.count == 0:
+            return {"kld": None, "top1_agreement": None, "ppl_source": None, "ppl_output": None, "tokens": 0}
+        has_source = bool(self.kld_values)
+        kv = np.asarray(self.kld_values) if has_source else None
+        return {
+            "kld": self.kld_sum / self.count if has_source else None,
+            "kld_p99": float(np.percentile(kv, 99)) if kv is not None else None,
+            "top1_agreement": self.top1_hits / self.count if has_source else None,
+            "ppl_source": math.exp(self.nll_source / self.count) if has_source else None,
+            "ppl_output": math.exp(self.nll_output / self.count),
+            "tokens": self.count,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# memory
+
+
+def current_rss() -> int:
+    import psutil
+
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+class PeakRSS:
+    """Context manager sampling this process's resident set; ``.peak`` in bytes (at least the start value)."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = current_rss()  # imports psutil here, not in the sampling thread
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._t is not None:
+            self._t.join()
+        self.peak = max(self.peak, current_rss())

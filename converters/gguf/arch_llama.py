@@ -1,0 +1,63 @@
+"""Llama family: Llama 2/3, SmolLM/SmolLM2, Mistral (``LLM_ARCH_LLAMA``).
+
+llama.cpp applies RoPE to adjacent pairs (GPT-J style) for this architecture,
+while Hugging Face's Llama rotates the two halves of each head; the Q and K
+projections are therefore row-permuted within each head on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from llmops.converters.gguf.arch_base import Family, llama3_rope_factors, register
+
+
+def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
+    """HF rotate-half layout -> interleaved pairs, per head (rows of a weight or a bias)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+@register("LlamaForCausalLM", "MistralForCausalLM", "LLaMAForCausalLM")
+class LlamaFamily(Family):
+    model_arch = gguf.MODEL_ARCH.LLAMA
+
+    def transform(self, name: str, data: np.ndarray, src_dtype: str) -> np.ndarray:
+        n_head = int(self.find(["num_attention_heads", "n_head"]))
+        n_kv = int(self.find(["num_key_value_heads", "n_kv_heads"], n_head))
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return permute_qk(data, n_head, n_head)
+        if name.endswith(("k_proj.weight", "k_proj.bias")):
+            return permute_qk(data, n_head, n_kv)
+        return data
+
+    def row_block(self, name: str) -> int | None:
+        return None if name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")) else 1
+
+    def add_parameters(self, w: gguf.GGUFWriter) -> None:
+        super().add_parameters(w)
+        w.add_vocab_size(int(self.hparams["vocab_size"]))
+        w.add_rope_dimension_count(self.head_dim())
+
+    def add_vocab_extras(self, w: gguf.GGUFWriter, root: Path, vocab: dict[str, Any]) -> None:
+        tc = root / "tokenizer_config.json"
+        if tc.is_file():
+            value = json.loads(tc.read_text(encoding="utf-8")).get("add_prefix_space")
+            if isinstance(value, bool):
+                w.add_add_space_prefix(value)
+
+    def extra_tensors(self) -> list[tuple[str, np.ndarray]]:
+        if str(self.rope.get("rope_type", "")).lower() == "llama3":
+            name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+            return [(name, llama3_rope_factors(self.rope, self.head_dim()))]
+        return []

@@ -1,0 +1,300 @@
+"""Checkpoint -> GGUF in one streaming pass.
+
+Per tensor: read a block of rows (memory-mapped), decode to float32, check it is
+finite, apply the family's transform, encode to the planned type, append to the
+output file. Nothing model-sized is ever resident.
+
+Type choice mirrors llama.cpp's documented pipeline so the bytes are the same:
+
+* F32/F16/BF16/Q8_0 follow ``convert_hf_to_gguf.py``: 1-D tensors, norms and
+  biases stay F32, every other ``.weight`` gets the target type (Q8_0 falls back
+  to F16 for rows that are not a multiple of 32).
+* Q4_0 and the K-quant mixes follow "convert to F16, then ``llama-quantize``":
+  the F16 plan above, then llama.cpp's own per-tensor choice
+  (``llama_quant_compute_types``), and each tensor is rounded to F16 before
+  llama.cpp's quantizer sees it, exactly as it would be read back from the F16
+  file. No F16 file is written. Where the llama.cpp build lacks the type-choice
+  helper, the F16 file is written to a temporary name and quantized with
+  ``llama_model_quantize``; the temporary file is removed on every exit path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from llmops.converters.checkpoint import Checkpoint
+from llmops.converters.gguf.arch_base import Family, family_for
+from llmops.converters.gguf.quantize import compute_types, llama_model_quantize, quantize_rows
+from llmops.converters.gguf.targets import QUANTS, GGUFQuant
+from llmops.converters.gguf.vocab import add_vocab
+from llmops.converters.gguf.writer import StreamingGGUFWriter, atomic_path
+from llmops.errors import LLMOpsError
+
+QT = gguf.GGMLQuantizationType
+Progress = Callable[[str], None]
+
+CHUNK_BYTES = 16 << 20  # float32 bytes decoded at once for row-wise tensors
+
+
+@dataclass
+class PlannedTensor:
+    src: str | None  # checkpoint tensor name (None: generated, e.g. rope factors)
+    name: str  # GGUF name
+    shape: tuple[int, ...]  # numpy order
+    qtype: QT
+    base: QT  # type in the F16 file of the two-step pipeline (== qtype for direct targets)
+    data: np.ndarray | None = None  # generated tensors only
+
+
+@dataclass
+class GGUFResult:
+    path: Path
+    quant: str
+    arch: str
+    hf_arch: str
+    parameters: int
+    tensor_types: dict[str, str]
+    vocab: dict[str, Any]
+    one_pass: bool
+    name: str
+    size_label: str | None
+    data_bytes: int = 0
+    sha256: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _direct_type(name: str, shape: tuple[int, ...], target: str) -> QT:
+    """convert_hf_to_gguf.py's choice for the F32/F16/BF16/Q8_0 outputs."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return QT.F32
+    qt = QT[target]
+    if qt == QT.Q8_0 and shape[-1] % 32 != 0:
+        return QT.F16  # the reference converter's fallback when Q8_0 does not fit
+    return qt
+
+
+def plan_tensors(ckpt: Checkpoint, family: Family, quant: GGUFQuant) -> list[PlannedTensor]:
+    plan: list[PlannedTensor] = []
+    for gname, arr in family.extra_tensors():
+        plan.append(PlannedTensor(None, gname, arr.shape, QT.F32, QT.F32, arr))
+    seen: set[str] = set()
+    for src in ckpt.names():
+        if family.skip(src):
+            continue
+        info = ckpt.info(src)
+        gname = family.map_name(src)
+        if gname in seen:
+            raise LLMOpsError(f"two checkpoint tensors map to {gname} (second: {src})")
+        seen.add(gname)
+        if not info.is_float:
+            raise LLMOpsError(f"tensor {src} has integer dtype {info.dtype}; quantized checkpoints are not supported")
+        base_target = "F16" if quant.via_llama_quantizer else quant.default_type
+        base = _direct_type(gname, info.shape, base_target)
+        plan.append(PlannedTensor(src, gname, info.shape, base, base))
+    return plan
+
+
+def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int) -> np.ndarray:
+    if base == QT.F16 and qtype != QT.F16:
+        # what llama.cpp's quantizer reads back from the F16 file
+        x = x.astype(np.float16).astype(np.float32)
+    if qtype == QT.F32:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    if qtype == QT.F16:
+        return _parallel_rows(x, lambda a: a.astype(np.float16), np.float16, threads)
+    if qtype == QT.BF16:
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        nan = (u & 0x7FFFFFFF) > 0x7F800000
+        r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+        if nan.any():
+            r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)  # quiet NaN, as gguf-py does
+        return r
+    return quantize_rows(x, qtype, threads)
+
+
+def _parallel_rows(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, threads: int) -> np.ndarray:
+    """Elementwise conversion split over threads (numpy releases the GIL in casts)."""
+    if threads <= 1 or x.size < (1 << 20) or x.ndim == 0:
+        return fn(x)
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, dtype=dtype)
+    step = -(-flat.size // threads)
+
+    def work(a: int) -> None:
+        out[a:a + step] = fn(flat[a:a + step])
+
+    list(_pool(threads).map(work, range(0, flat.size, step)))
+    return out.reshape(x.shape)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="llmops-gguf")
+    return _POOLS[n]
+
+
+def _stream_tensor(ckpt: Checkpoint, family: Family, t: PlannedTensor, out: StreamingGGUFWriter,
+                   allow_nonfinite: bool, threads: int) -> None:
+    if t.data is not None:
+        out.write(_encode(t.data.astype(np.float32), t.qtype, t.base, threads))
+        out.end_tensor()
+        return
+    assert t.src is not None
+    info = ckpt.info(t.src)
+    rows = t.shape[0] if len(t.shape) >= 1 else 1
+    block = family.row_block(t.src)
+    row_elems = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+    if block is None or len(t.shape) < 2:
+        step = rows
+    else:
+        step = max(block, (CHUNK_BYTES // max(1, row_elems * 4)) // block * block)
+    for a in range(0, max(rows, 1), max(step, 1)):
+        b = min(rows, a + step)
+        whole = a == 0 and b == rows
+        x = ckpt.float32(t.src, None if whole or len(t.shape) < 2 else (a, b))
+        if len(t.shape) == 0:
+            x = x.reshape(())
+        if not allow_nonfinite and not np.isfinite(x).all():
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            raise LLMOpsError(
+                f"tensor {t.src} has {bad} NaN/Inf value(s) in rows {a}..{b - 1}; refusing to convert "
+                "(pass allow_nonfinite=True to convert anyway)"
+            )
+        x = family.transform(t.src, x, info.dtype)
+        out.write(_encode(x, t.qtype, t.base, threads))
+        del x
+    out.end_tensor()
+
+
+def _metadata(ckpt: Checkpoint, w: gguf.GGUFWriter, total_params: int, shared: int, expert: int,
+              n_expert: int) -> gguf.Metadata:
+    md = gguf.Metadata.load(None, ckpt.root, None, total_params)
+    if md.name is None:
+        md.name = ckpt.root.name if ckpt.path.is_dir() else ckpt.path.stem
+    if md.size_label is None and total_params > 0:
+        md.size_label = gguf.size_label(total_params, shared, expert, n_expert)
+    return md
+
+
+def default_output_name(md: gguf.Metadata, quant: str) -> str:
+    return gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label, quant) + ".gguf"
+
+
+def convert_to_gguf(
+    ckpt: Checkpoint,
+    quant_name: str,
+    output: str | os.PathLike[str] | None = None,
+    *,
+    allow_nonfinite: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    force_two_pass: bool = False,
+) -> GGUFResult:
+    """Write ``ckpt`` as GGUF ``quant_name`` (F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K)."""
+    say = progress or (lambda _m: None)
+    threads = max(1, threads or os.cpu_count() or 1)
+    if quant_name not in QUANTS:
+        raise LLMOpsError(f"unknown GGUF quantization {quant_name!r}; choose from {', '.join(QUANTS)}")
+    quant = QUANTS[quant_name]
+    family = family_for(ckpt.config, str(ckpt.root / "config.json"))
+    plan = plan_tensors(ckpt, family, quant)
+
+    one_pass = True
+    if quant.via_llama_quantizer:
+        types = None if force_two_pass else compute_types(
+            family.arch_name, quant.ftype, [(t.name, t.shape, t.base) for t in plan], family.quant_hparams())
+        if types is None:
+            one_pass = False
+        else:
+            for t in plan:
+                t.qtype = types[t.name]
+
+    def build_writer(ftype: int, tensors: list[PlannedTensor], use_final: bool) -> tuple[StreamingGGUFWriter, Any, dict]:
+        out = StreamingGGUFWriter(family.arch_name)
+        for t in tensors:
+            out.add_tensor_plan(t.name, t.shape, t.qtype if use_final else t.base)
+        total, shared, expert, n_exp = out.w.get_total_parameter_count()
+        md = _metadata(ckpt, out.w, total, shared, expert, n_exp)
+        w = out.w
+        w.add_type(gguf.GGUFType.MODEL)
+        md.set_gguf_meta_model(w)
+        family.add_parameters(w)
+        w.add_file_type(ftype)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab = add_vocab(w, ckpt.root, ckpt.config, prefer_spm=family.prefer_spm)
+        family.add_vocab_extras(w, ckpt.root, vocab)
+        return out, md, {"total": total, "vocab": vocab}
+
+    # Everything that can be refused (architecture, names, config, tokenizer) is checked
+    # above and in build_writer, before any file exists.
+    out, md, info = build_writer(quant.ftype, plan, True)
+    if output is None:
+        dest = Path.cwd() / default_output_name(md, quant.name)
+    else:
+        dest = Path(output).expanduser()
+        if dest.is_dir() or str(output).endswith(("/", os.sep)):
+            dest = dest / default_output_name(md, quant.name)
+    dest = dest.absolute()
+    if dest.exists() and dest.is_dir():
+        raise LLMOpsError(f"{dest} is a folder")
+
+    say(f"converting {ckpt.path} ({family.hf_arch}) to GGUF {quant.name}: {len(plan)} tensors -> {dest}")
+    t0 = time.perf_counter()
+    with atomic_path(dest) as tmp:
+        if one_pass:
+            _write_all(ckpt, family, plan, out, tmp, allow_nonfinite, threads, say)
+        else:
+            out.abort()
+            f16_plan = [PlannedTensor(t.src, t.name, t.shape, t.base, t.base, t.data) for t in plan]
+            f16_out, _, _ = build_writer(QUANTS["F16"].ftype, f16_plan, False)
+            fd, f16_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".f16.partial", dir=dest.parent)
+            os.close(fd)
+            f16_tmp = Path(f16_name)
+            try:
+                _write_all(ckpt, family, f16_plan, f16_out, f16_tmp, allow_nonfinite, threads, say)
+                say(f"quantizing with llama.cpp to {quant.name}")
+                llama_model_quantize(str(f16_tmp), str(tmp), quant.ftype, threads)
+            finally:
+                with contextlib.suppress(OSError):
+                    f16_tmp.unlink()
+    say(f"wrote {dest} in {time.perf_counter() - t0:.1f}s")
+    tensor_types = {t.name: t.qtype.name for t in plan} if one_pass else _read_types(dest)
+    return GGUFResult(
+        path=dest, quant=quant.name, arch=family.arch_name, hf_arch=family.hf_arch, parameters=int(info["total"]),
+        tensor_types=tensor_types, vocab=info["vocab"], one_pass=one_pass, name=str(md.name),
+        size_label=md.size_label, data_bytes=sum(n for *_, n in out.plan),
+        sha256=out.sha256 if one_pass else None,
+    )
+
+
+def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out: StreamingGGUFWriter, path: Path,
+               allow_nonfinite: bool, threads: int, say: Progress) -> None:
+    try:
+        out.open(path)
+        n = len(plan)
+        for i, t in enumerate(plan, 1):
+            say(f"[{i}/{n}] {t.name} {list(reversed(t.shape))} -> {t.qtype.name}")
+            _stream_tensor(ckpt, family, t, out, allow_nonfinite, threads)
+        out.close()
+    except BaseException:
+        out.abort()
+        raise
+
+
+def _read_types(path: Path) -> dict[str, str]:
+    r = gguf.GGUFReader(path)
+    return {t.name: t.tensor_type.name for t in r.tensors}

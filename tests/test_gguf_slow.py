@@ -1,0 +1,122 @@
+"""SmolLM2-135M end to end: byte identity with llama.cpp's own tools, perplexity, tokenization.
+
+Slow (deselected by default): ``pytest -m slow tests/test_gguf_slow.py``.
+llama.cpp's reference converter comes from llama-cpp-python's source distribution,
+fetched with pip into a cache folder at test time (never part of this project).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    from llmops.fixtures import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def wikitext() -> str:
+    try:
+        from llmops.evaltext import load_eval_text
+
+        return load_eval_text(WIKITEXT if WIKITEXT.is_file() else None).text
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no wikitext-2: {e}")
+
+
+@pytest.fixture(scope="module")
+def reference_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, unpacked from the llama-cpp-python sdist into a cache folder."""
+    from llmops.benchmarks.bench_convert import reference_converter_script
+
+    try:
+        return reference_converter_script()
+    except (OSError, subprocess.CalledProcessError, tarfile.TarError) as e:
+        pytest.skip(f"cannot fetch the llama-cpp-python sdist: {e}")
+
+
+def _reference(script: Path, src: Path, outtype: str, out: Path) -> Path:
+    """Run llama.cpp's converter with its own gguf-py (the one it ships with)."""
+    r = subprocess.run([sys.executable, str(script), str(src), "--outtype", outtype, "--outfile", str(out)],
+                       cwd=script.parent, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"})  # its own gguf-py
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    import gguf
+
+    return {t.name: (t.tensor_type.name, t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> dict[str, Path]:
+    from llmops.converters.api import convert
+
+    d = tmp_path_factory.mktemp("smollm2-gguf")
+    return {q: convert(smollm2, f"gguf-{q.lower()}", d, verify=False).output for q in ("F32", "F16", "Q8_0", "Q4_K_M")}
+
+
+@pytest.mark.parametrize(("quant", "outtype"), [("F16", "f16"), ("Q8_0", "q8_0")])
+def test_byte_identical_to_reference_converter(outputs, reference_converter, smollm2, tmp_path, quant, outtype):
+    ref = _reference(reference_converter, smollm2, outtype, tmp_path / f"ref-{outtype}.gguf")
+    ours, theirs = _tensors(outputs[quant]), _tensors(ref)
+    assert ours.keys() == theirs.keys()
+    differing = [n for n in ours if ours[n] != theirs[n]]
+    assert differing == []
+
+
+def test_q4_k_m_byte_identical_to_f16_then_llama_quantize(outputs, reference_converter, smollm2, tmp_path):
+    from llmops.converters.gguf.quantize import llama_model_quantize
+
+    f16 = _reference(reference_converter, smollm2, "f16", tmp_path / "ref-f16.gguf")
+    llama_model_quantize(str(f16), str(tmp_path / "ref-q4km.gguf"), 15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    ours, theirs = _tensors(outputs["Q4_K_M"]), _tensors(tmp_path / "ref-q4km.gguf")
+    assert ours.keys() == theirs.keys()
+    assert [n for n in ours if ours[n] != theirs[n]] == []
+
+
+# wikitext-2 test, ctx 512, first 16 chunks, second half of each chunk scored (llama-perplexity's method)
+@pytest.mark.parametrize(("quant", "want", "tol"), [("F32", 28.80, 0.05), ("Q8_0", 28.95, 0.10), ("Q4_K_M", 30.34, 0.20)])
+def test_wikitext_perplexity(outputs, wikitext, quant, want, tol):
+    from llmops.benchmarks.accuracy import evaluate_gguf
+
+    res = evaluate_gguf(outputs[quant], wikitext, chunks=16, n_ctx=512)
+    assert res["chunks"] == 16 and res["tokens"] == 16 * 255
+    assert abs(res["ppl_output"] - want) <= tol, res["ppl_output"]
+
+
+def test_tokenization_equals_hf_on_wikitext(outputs, wikitext, smollm2):
+    from transformers import AutoTokenizer
+
+    from llmops.benchmarks.accuracy import tokenize_with_gguf
+
+    ids, add_bos, _ = tokenize_with_gguf(outputs["F16"], wikitext)
+    assert not add_bos  # SmolLM2 adds no BOS
+    hf = AutoTokenizer.from_pretrained(smollm2)(wikitext, add_special_tokens=True)["input_ids"]
+    assert len(ids) == len(hf)
+    assert ids.tolist() == hf
+
+
+def test_verification_against_source(smollm2, wikitext, tmp_path):
+    from llmops.converters.api import convert
+
+    rec = convert(smollm2, "gguf-q8_0", tmp_path, eval_text=wikitext)
+    v = rec.verification
+    assert v is not None
+    assert 0 < v["kld"] < 0.01 and v["top1_agreement"] > 0.95
+    assert abs(v["ppl_output"] - v["ppl_source"]) / v["ppl_source"] < 0.02
