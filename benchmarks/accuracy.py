@@ -1,8 +1,9 @@
-"""Perplexity, KL-divergence and top-1 agreement of a GGUF artifact against its source.
+"""Perplexity, KL-divergence and top-1 agreement of an artifact against its source.
 
-One implementation shared by ``llmops convert --verify`` (a few chunks) and
-``llmops bench`` (more chunks): tokens come from the artifact's own tokenizer
-(llama.cpp), the same windows are fed to both models (see ``logits.py`` for the
+One implementation shared by every converter's ``--verify`` (a few chunks) and
+``llmops bench`` (more chunks), for every backend: tokens come from the
+artifact's own tokenizer (llama.cpp's for a GGUF, the Hugging Face tokenizer
+otherwise), the same windows are fed to both models (see ``logits.py`` for the
 llama.cpp-compatible windowing), and the metrics are streamed chunk by chunk.
 """
 
@@ -15,27 +16,31 @@ from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.logits import RunnerSpec, Windows, make_runner, make_windows, run_in_child
+from llmops.benchmarks.logits import RunnerSpec, Windows, backend_for, make_runner, make_windows, run_in_child
 from llmops.benchmarks.metrics import StreamingAccuracy
 from llmops.errors import LLMOpsError
 
 
-def tokenize_with_gguf(gguf_path: str | Path, text: str, *, n_ctx: int = 512, in_process: bool = False,
-                       workdir: Path | None = None) -> tuple[np.ndarray, bool, int]:
-    """(token ids, add_bos, bos id) as llama.cpp tokenizes ``text`` for perplexity."""
-    spec = RunnerSpec("llama.cpp", str(Path(gguf_path).resolve()), n_ctx, 1)
+def tokenize_with(spec: RunnerSpec, text: str, *, in_process: bool = False,
+                  workdir: Path | None = None) -> tuple[np.ndarray, bool, int]:
+    """(token ids, add_bos, bos id) as the artifact's own tokenizer gives them."""
     if in_process:
-        from llmops.benchmarks.logits import LlamaCppRunner
-
-        r = LlamaCppRunner(str(gguf_path), n_ctx, 1, vocab_only=True)
+        r = make_runner(spec, vocab_only=True)
         return r.tokenize(text), r.add_bos, r.bos_id
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         out = Path(d) / "tokens.npy"
         text_file = Path(d) / "text.txt"
         text_file.write_text(text, encoding="utf-8")
         msg = run_in_child({"kind": "tokenize", "spec": spec.__dict__, "text_file": str(text_file),
-                            "out": str(out)}, "llama.cpp tokenizer", d)
+                            "out": str(out)}, f"{spec.backend} tokenizer", d)
         return np.load(out), bool(msg["add_bos"]), int(msg["bos_id"])
+
+
+def tokenize_with_gguf(gguf_path: str | Path, text: str, *, n_ctx: int = 512, in_process: bool = False,
+                       workdir: Path | None = None) -> tuple[np.ndarray, bool, int]:
+    """(token ids, add_bos, bos id) as llama.cpp tokenizes ``text`` for perplexity."""
+    spec = RunnerSpec("llama.cpp", str(Path(gguf_path).resolve()), n_ctx, 1)
+    return tokenize_with(spec, text, in_process=in_process, workdir=workdir)
 
 
 def _logits_file(spec: RunnerSpec, win: Windows, d: Path, tag: str, in_process: bool) -> np.ndarray:
@@ -52,40 +57,45 @@ def _logits_file(spec: RunnerSpec, win: Windows, d: Path, tag: str, in_process: 
     else:
         inputs = d / f"{tag}-inputs.npy"
         np.save(inputs, win.inputs)
-        what = "llama.cpp runner" if spec.backend == "llama.cpp" else f"{spec.backend} runner"
         run_in_child({"kind": "logits", "spec": spec.__dict__, "inputs": str(inputs), "first": win.first,
-                      "last": last, "out": str(out)}, what, d)
+                      "last": last, "out": str(out)}, f"{spec.backend} runner", d)
     return np.load(out, mmap_mode="r")
 
 
-def evaluate_gguf(
-    gguf_path: str | Path,
+def evaluate(
+    artifact: str | Path,
     text: str,
     *,
+    backend: str | None = None,
     source: str | Path | None = None,
+    source_backend: str | None = None,
     chunks: int | None = 4,
     n_ctx: int = 512,
     threads: int | None = None,
+    device: str = "cpu",
     in_process: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``gguf_path`` on ``text``; with ``source`` also KLD/top-1 against the source checkpoint.
+    """Metrics of ``artifact`` on ``text``; with ``source`` also KLD/top-1 against the source model.
 
     Returns ``{"kld", "kld_p99", "top1_agreement", "ppl_source", "ppl_output", "tokens", "chunks", "n_ctx"}``.
     """
     say = progress or (lambda _m: None)
+    backend = backend or backend_for(artifact)
+    spec = RunnerSpec(backend, str(Path(artifact).resolve()), n_ctx, threads, device)
     with tempfile.TemporaryDirectory(prefix="llmops-eval-") as dname:
         d = Path(dname)
-        say("tokenizing the eval text with the GGUF's tokenizer")
-        tokens, add_bos, bos_id = tokenize_with_gguf(gguf_path, text, n_ctx=n_ctx, in_process=in_process, workdir=d)
+        say(f"tokenizing the eval text with the artifact's tokenizer ({backend})")
+        tokens, add_bos, bos_id = tokenize_with(spec, text, in_process=in_process, workdir=d)
         win = make_windows(tokens, n_ctx, chunks, add_bos, bos_id)
-        say(f"evaluating {win.n_chunk} chunk(s) of {n_ctx} tokens with llama.cpp")
-        out_logits = _logits_file(RunnerSpec("llama.cpp", str(Path(gguf_path).resolve()), n_ctx, threads), win, d, "output",
-                                  in_process)
+        say(f"evaluating {win.n_chunk} chunk(s) of {n_ctx} tokens with {backend}")
+        out_logits = _logits_file(spec, win, d, "output", in_process)
         src_logits = None
         if source is not None:
-            say(f"evaluating the same chunks with the source model ({source}) in torch")
-            src_logits = _logits_file(RunnerSpec("torch", str(Path(source).resolve()), n_ctx, threads), win, d, "source", in_process)
+            sb = source_backend or backend_for(source)
+            say(f"evaluating the same chunks with the source model ({source}) in {sb}")
+            src_spec = RunnerSpec(sb, str(Path(source).resolve()), n_ctx, threads, device)
+            src_logits = _logits_file(src_spec, win, d, "source", in_process)
             if src_logits.shape[-1] != out_logits.shape[-1]:
                 raise LLMOpsError(f"vocabulary sizes differ: source {src_logits.shape[-1]}, "
                                   f"artifact {out_logits.shape[-1]}")
@@ -97,3 +107,8 @@ def evaluate_gguf(
     res = acc.result()
     res.update(chunks=win.n_chunk, n_ctx=n_ctx)
     return res
+
+
+def evaluate_gguf(gguf_path: str | Path, text: str, **kwargs: Any) -> dict[str, Any]:
+    """``evaluate`` for a GGUF file (llama.cpp), kept for the converters' verify step."""
+    return evaluate(gguf_path, text, backend="llama.cpp", **kwargs)

@@ -38,18 +38,64 @@ from llmops.errors import LLMOpsError
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    backend: str  # "llama.cpp" or "torch"
-    path: str  # a .gguf file, or a checkpoint folder/file for torch
+    backend: str  # a key of BACKENDS: "llama.cpp", "torch", "onnx", "gptq"
+    path: str  # a .gguf file, an ONNX/GPTQ folder, or a checkpoint folder/file for torch
     n_ctx: int = 512
     threads: int | None = None
+    device: str = "cpu"
 
 
 class LogitsRunner(Protocol):
+    """What every backend provides. Constructed as ``cls(path, n_ctx=, threads=, vocab_only=, device=)``;
+    with ``vocab_only`` only the tokenizer needs to load."""
+
     vocab_size: int
+    add_bos: bool
+    bos_id: int
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """The ids the artifact's own tokenizer gives ``text`` (BOS first only if it adds one)."""
+        ...
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """[len(tokens), vocab] float32 logits for one sequence evaluated from an empty cache."""
         ...
+
+
+# backend -> "module:Class"; modules are imported only when that backend runs.
+BACKENDS: dict[str, str] = {
+    "llama.cpp": "llmops.benchmarks.logits:LlamaCppRunner",
+    "torch": "llmops.benchmarks.logits:TorchRunner",
+    "onnx": "llmops.benchmarks.runner_onnx:OnnxRunner",
+    "gptq": "llmops.benchmarks.runner_gptq:GPTQRunner",
+}
+
+
+def backend_for(path: str | Path) -> str:
+    """Which runner reads this artifact (from its headers, not its name)."""
+    from llmops.artifact_info import describe
+
+    fmt = describe(path).format
+    return {"gguf": "llama.cpp", "onnx": "onnx", "gptq": "gptq"}.get(fmt, "torch")
+
+
+class HFTokenizerMixin:
+    """Tokenization with the checkpoint's own Hugging Face tokenizer (torch, ONNX and GPTQ folders)."""
+
+    def _load_tokenizer(self, path: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        p = Path(path)
+        root = p if p.is_dir() else p.parent
+        self.tokenizer = AutoTokenizer.from_pretrained(root)
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        self.add_bos = bool(bos is not None and probe and probe[0] == bos)
+        self.bos_id = int(bos) if bos is not None else -1
+
+    def tokenize(self, text: str) -> np.ndarray:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return np.asarray(ids, dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,7 +104,7 @@ class LogitsRunner(Protocol):
 
 class LlamaCppRunner:
     def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
-                 kv_f32: bool = False) -> None:
+                 kv_f32: bool = False, device: str = "cpu") -> None:
         import llama_cpp
 
         if not Path(path).is_file():
@@ -69,6 +115,7 @@ class LlamaCppRunner:
                 self.llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
                     n_threads=threads, n_threads_batch=threads, vocab_only=vocab_only, verbose=False,
+                    n_gpu_layers=-1 if device == "cuda" else 0,
                     **({"type_k": 0, "type_v": 0} if kv_f32 else {}),  # GGML_TYPE_F32 KV cache
                 )
         except ValueError as e:
@@ -127,15 +174,20 @@ def _model_params(**overrides: Any) -> Iterator[None]:
         ll.llama_cpp.llama_model_default_params = orig
 
 
-class TorchRunner:
+class TorchRunner(HFTokenizerMixin):
     """A Hugging Face checkpoint (folder, or bare weights file with config.json beside it) on CPU in float32."""
 
-    def __init__(self, path: str, threads: int | None = None) -> None:
+    def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
+                 device: str = "cpu") -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
+        self._load_tokenizer(path)
+        if vocab_only:
+            self.vocab_size = len(self.tokenizer)
+            return
         self.model = load_torch_model(path)
         self.vocab_size = int(self.model.config.vocab_size)
 
@@ -167,12 +219,21 @@ def load_torch_model(path: str) -> Any:
     return model.eval()
 
 
-def make_runner(spec: RunnerSpec) -> LogitsRunner:
-    if spec.backend == "llama.cpp":
-        return LlamaCppRunner(spec.path, spec.n_ctx, spec.threads)
-    if spec.backend == "torch":
-        return TorchRunner(spec.path, spec.threads)
-    raise LLMOpsError(f"unknown runner backend {spec.backend!r}")
+def make_runner(spec: RunnerSpec, vocab_only: bool = False) -> LogitsRunner:
+    import importlib
+
+    target = BACKENDS.get(spec.backend)
+    if target is None:
+        raise LLMOpsError(f"unknown runner backend {spec.backend!r}; known: {', '.join(BACKENDS)}")
+    module, _, cls = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as e:
+        raise LLMOpsError(f"the {spec.backend} runner is not available in this version ({e})") from None
+    kwargs: dict[str, Any] = {"n_ctx": spec.n_ctx, "threads": spec.threads, "vocab_only": vocab_only}
+    if spec.device != "cpu":
+        kwargs["device"] = spec.device
+    return factory(spec.path, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +278,7 @@ def make_windows(tokens: np.ndarray, n_ctx: int, chunks: int | None, add_bos: bo
 def _do_job(job: dict[str, Any]) -> dict[str, Any]:
     spec = RunnerSpec(**job["spec"])
     if job["kind"] == "tokenize":
-        r = LlamaCppRunner(spec.path, spec.n_ctx, spec.threads, vocab_only=True)
+        r = make_runner(spec, vocab_only=True)
         text = Path(job["text_file"]).read_text(encoding="utf-8")
         np.save(job["out"], r.tokenize(text))
         return {"ok": True, "add_bos": r.add_bos, "bos_id": r.bos_id, "vocab_size": r.vocab_size}

@@ -40,7 +40,8 @@ class GGUFConverter:
 
     format = "gguf"
 
-    def __init__(self, *, allow_nonfinite: bool = False, threads: int | None = None) -> None:
+    def __init__(self, *, allow_nonfinite: bool = False, threads: int | None = None, device: str = "cpu") -> None:
+        # GGUF conversion runs on the CPU whatever --device says; the device applies to verification.
         self.allow_nonfinite = allow_nonfinite
         self.threads = threads
 
@@ -82,48 +83,83 @@ class GGUFConverter:
         )
 
 
+# format -> "module:Class" implementing base.Converter; imported only when used.
+CONVERTERS: dict[str, str] = {
+    "gguf": "llmops.converters.api:GGUFConverter",
+    "onnx": "llmops.converters.onnx.convert:OnnxConverter",
+    "gptq": "llmops.converters.gptq.convert:GPTQConverter",
+}
+
+
+def converter_for(fmt: str, **kwargs: Any) -> Any:
+    import importlib
+
+    target = CONVERTERS.get(fmt)
+    if target is None:
+        raise NotAvailable(f"conversion to {fmt} is not available in this version")
+    module, _, cls = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        raise NotAvailable(f"conversion to {fmt} is not available in this version") from None
+    return factory(**kwargs)
+
+
 def convert(
     source: str | Path,
-    target: str,
+    target: str | TargetSpec,
     output: str | Path | None = None,
     *,
     verify: bool = True,
     eval_text: str | None = None,
     allow_nonfinite: bool = False,
     threads: int | None = None,
+    device: str = "cpu",
+    options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ArtifactRecord:
     """Convert a checkpoint to ``target`` (e.g. ``"gguf-q4"``) and describe the result.
 
-    ``output``: a file path, a folder (the file is named ``<Name>-<Size>-<QUANT>.gguf``
-    inside it) or None (that name in the current folder). The output is written
-    atomically. With ``verify``, the artifact is compared with the source on
-    ``eval_text`` (default: wikitext-2 via ``llmops.evaltext``), 4 chunks of 512
-    tokens: KL-divergence, top-1 agreement and both perplexities.
+    ``output``: a file path, a folder (a GGUF is named ``<Name>-<Size>-<QUANT>.gguf``
+    inside it) or None (the conventional name in the current folder). The output is
+    written atomically. ``options`` go to the converter with the target (GPTQ's
+    calibration data, group size, ...). With ``verify``, the artifact is compared with
+    the source on ``eval_text`` (default: wikitext-2 via ``llmops.evaltext``), 4 chunks
+    of 512 tokens, by the same evaluation ``llmops bench`` uses: KL-divergence, top-1
+    agreement and both perplexities. An artifact whose verification fails is removed.
     """
+    import shutil
+
     from llmops.benchmarks.metrics import PeakRSS
 
     spec = parse_target(target) if isinstance(target, str) else target
-    if spec.format != "gguf":
-        raise NotAvailable(f"conversion to {spec.format} is not available in this version")
+    if options:
+        spec = TargetSpec(spec.format, spec.quant, {**spec.options, **options})
     say = progress or (lambda _m: None)
+    converter = converter_for(spec.format, allow_nonfinite=allow_nonfinite, threads=threads, device=device)
     if verify and eval_text is None:
-        try:
-            from llmops.evaltext import load_eval_text
-        except ImportError:
-            raise LLMOpsError("verification needs an eval text; pass eval_text or verify=False") from None
+        from llmops.evaltext import load_eval_text
+
         eval_text = load_eval_text(progress=say).text
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        record = GGUFConverter(allow_nonfinite=allow_nonfinite, threads=threads).convert(
-            source, spec, Path(output) if output is not None else None, say)
+        record = converter.convert(source, spec, Path(output) if output is not None else None, say)
     record.seconds = time.perf_counter() - t0
     record.peak_rss_bytes = mem.peak
     if verify:
-        from llmops.benchmarks.accuracy import evaluate_gguf
+        from llmops.benchmarks.accuracy import evaluate
 
-        res = evaluate_gguf(record.output, eval_text or "", source=source, chunks=VERIFY_CHUNKS,
-                            threads=threads or os.cpu_count(), progress=say)
+        try:
+            res = evaluate(record.output, eval_text or "", source=source, chunks=VERIFY_CHUNKS,
+                           threads=threads or os.cpu_count(), device=device, progress=say)
+        except BaseException:
+            # An artifact that could not be verified is not handed out: the user can
+            # convert again with --no-verify to keep it unchecked.
+            if record.output.is_dir():
+                shutil.rmtree(record.output, ignore_errors=True)
+            else:
+                record.output.unlink(missing_ok=True)
+            raise
         record.verification = {k: res[k] for k in ("kld", "top1_agreement", "ppl_source", "ppl_output")}
         record.parameters["verification"] = {"chunks": res["chunks"], "n_ctx": res["n_ctx"],
                                              "tokens": res["tokens"], "kld_p99": res["kld_p99"]}

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmops.converters.base import TargetSpec
-from llmops.errors import UsageError
+from llmops.errors import NotAvailable, UsageError
 
 # parser(str) -> TargetSpec | None, and the names it accepts (for error messages and --help)
 _PARSERS: list[tuple[Callable[[str], TargetSpec | None], list[str]]] = []
@@ -31,17 +31,30 @@ def parse_target(value: str) -> TargetSpec:
         spec = parser(value)
         if spec is not None:
             return spec
+    fmt = value.strip().lower().split("-", 1)[0]
+    if fmt in _PLANNED:
+        raise NotAvailable(f"conversion to {value} is not available in this version")
     raise UsageError(f"unknown target {value!r}; valid targets: {', '.join(valid_targets())}")
+
+
+# Formats of the command-line contract whose converter may not be installed in this version.
+_PLANNED = ("gptq", "onnx")
 
 
 _loaded = False
 
 
 def _load_builtin() -> None:
+    """Each format's target table, from the format's own ``targets`` module (if installed)."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    from llmops.converters.gguf.targets import ALIASES, TARGETS, gguf_target
+    import importlib
 
-    register_targets(gguf_target, [*TARGETS, *ALIASES])
+    for fmt in ("gguf", "gptq", "onnx"):
+        try:
+            mod = importlib.import_module(f"llmops.converters.{fmt}.targets")
+        except ImportError:
+            continue
+        mod.register(register_targets)

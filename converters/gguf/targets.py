@@ -46,3 +46,7 @@ def gguf_target(name: str) -> TargetSpec | None:
     if key not in TARGETS:
         return None
     return TargetSpec("gguf", TARGETS[key], {"target": key})
+
+
+def register(add) -> None:  # noqa: ANN001 - converters.targets.register_targets
+    add(gguf_target, [*TARGETS, *ALIASES])

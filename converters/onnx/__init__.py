@@ -1,0 +1,1 @@
+"""ONNX decoders with KV cache through the onnxruntime-genai model builder."""
