@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmops-installed
 SHARED_EVAL := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
 export LLMOPS_EVAL_TEXT ?= $(if $(wildcard $(SHARED_EVAL)),$(SHARED_EVAL),)
-export GPTQMODEL_CPU_WORKERS ?= 1
+export GPTQMODEL_CPU_WORKERS ?= 2
 
 .PHONY: install demo test test-slow bench ui clean
 
@@ -28,13 +28,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@bash scripts/install-browser.sh
+	@bash scripts/install-postgres.sh
 	$(BIN)/pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
+# Conversion speed/memory against llama.cpp's tools, then every target through `llmops bench`
+# and the perplexity path against llama.cpp's llama-perplexity (built once into ~/.cache/llmops).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py
+	$(BIN)/python benchmarks/bench_formats.py
 
 ui: $(STAMP)
 	$(BIN)/llmops ui

@@ -74,14 +74,18 @@ def evaluate(
     threads: int | None = None,
     device: str = "cpu",
     in_process: bool = False,
+    source_cache: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Metrics of ``artifact`` on ``text``; with ``source`` also KLD/top-1 against the source model.
 
     Returns ``{"kld", "kld_p99", "top1_agreement", "ppl_source", "ppl_output", "tokens", "chunks", "n_ctx"}``.
     """
+    from llmops.evaltext import evaluation_part
+
     say = progress or (lambda _m: None)
     backend = backend or backend_for(artifact)
+    text = evaluation_part(text)  # the calibration part is never scored
     spec = RunnerSpec(backend, str(Path(artifact).resolve()), n_ctx, threads, device)
     with tempfile.TemporaryDirectory(prefix="llmops-eval-") as dname:
         d = Path(dname)
@@ -93,9 +97,16 @@ def evaluate(
         src_logits = None
         if source is not None:
             sb = source_backend or backend_for(source)
-            say(f"evaluating the same chunks with the source model ({source}) in {sb}")
             src_spec = RunnerSpec(sb, str(Path(source).resolve()), n_ctx, threads, device)
-            src_logits = _logits_file(src_spec, win, d, "source", in_process)
+            cached = _cache_file(source_cache, source, win) if source_cache is not None else None
+            if cached is not None and cached.is_file():
+                say(f"source logits from cache ({cached.name})")
+                src_logits = np.load(cached, mmap_mode="r")
+            else:
+                say(f"evaluating the same chunks with the source model ({source}) in {sb}")
+                src_logits = _logits_file(src_spec, win, d, "source", in_process)
+                if cached is not None:
+                    _store(cached, d / "source.npy")
             if src_logits.shape[-1] != out_logits.shape[-1]:
                 raise LLMOpsError(f"vocabulary sizes differ: source {src_logits.shape[-1]}, "
                                   f"artifact {out_logits.shape[-1]}")
@@ -107,6 +118,32 @@ def evaluate(
     res = acc.result()
     res.update(chunks=win.n_chunk, n_ctx=n_ctx)
     return res
+
+
+def _cache_file(cache_dir: Path, source: str | Path, win: Windows) -> Path:
+    """Source logits depend on the source's bytes and the exact windows fed to it, nothing else."""
+    import hashlib
+
+    from llmops.hashing import sha256_path
+
+    key = hashlib.sha256()
+    key.update(sha256_path(source).encode())
+    key.update(np.ascontiguousarray(win.inputs).tobytes())
+    key.update(f"{win.first}:{win.n_ctx}".encode())
+    return Path(cache_dir) / f"logits-{key.hexdigest()[:32]}.npy"
+
+
+def _store(cached: Path, produced: Path) -> None:
+    import os
+    import shutil
+
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    try:
+        shutil.copyfile(produced, tmp)
+        os.replace(tmp, cached)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def evaluate_gguf(gguf_path: str | Path, text: str, **kwargs: Any) -> dict[str, Any]:

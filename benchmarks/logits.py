@@ -104,7 +104,7 @@ class HFTokenizerMixin:
 
 class LlamaCppRunner:
     def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
-                 kv_f32: bool = False, device: str = "cpu") -> None:
+                 kv_f32: bool = False, device: str = "cpu", logits_all: bool = True) -> None:
         import llama_cpp
 
         if not Path(path).is_file():
@@ -113,7 +113,7 @@ class LlamaCppRunner:
         try:
             with _model_params(use_extra_bufts=_extra_bufts_ok()):
                 self.llm = llama_cpp.Llama(
-                    model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                    model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=logits_all,
                     n_threads=threads, n_threads_batch=threads, vocab_only=vocab_only, verbose=False,
                     n_gpu_layers=-1 if device == "cuda" else 0,
                     **({"type_k": 0, "type_v": 0} if kv_f32 else {}),  # GGML_TYPE_F32 KV cache
@@ -174,7 +174,20 @@ def _model_params(**overrides: Any) -> Iterator[None]:
         ll.llama_cpp.llama_model_default_params = orig
 
 
-class TorchRunner(HFTokenizerMixin):
+class TorchLogitsMixin:
+    """Full-sequence logits from a transformers causal LM in ``self.model`` (torch and GPTQ runners)."""
+
+    device: str = "cpu"
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None].to(self.device)
+            out = self.model(input_ids=ids, use_cache=False).logits[0]
+        return out.float().cpu().numpy()
+
+
+class TorchRunner(TorchLogitsMixin, HFTokenizerMixin):
     """A Hugging Face checkpoint (folder, or bare weights file with config.json beside it) on CPU in float32."""
 
     def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
@@ -191,12 +204,6 @@ class TorchRunner(HFTokenizerMixin):
         self.model = load_torch_model(path)
         self.vocab_size = int(self.model.config.vocab_size)
 
-    def logits(self, tokens: np.ndarray) -> np.ndarray:
-        torch = self.torch
-        with torch.inference_mode():
-            ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
-            out = self.model(input_ids=ids, use_cache=False).logits[0]
-        return out.float().numpy()
 
 
 def load_torch_model(path: str) -> Any:
@@ -275,8 +282,42 @@ def make_windows(tokens: np.ndarray, n_ctx: int, chunks: int | None, add_bos: bo
 # __main__ is; the job and the reply are small JSON files, bulk data goes through .npy files.
 
 
+# Cap, in MiB, on what a runner child may allocate once its runtime is imported
+# (``llmops bench --max-memory``): a runaway model must not take the machine, or a shared
+# CI runner, down with it. Past the cap its allocations fail and the child errors out or
+# dies, which the parent reports as one line.
+MAX_MEMORY_ENV = "LLMOPS_RUNNER_MAX_MEMORY_MB"
+_RUNTIME_MODULES = {"llama.cpp": ("llama_cpp",), "torch": ("torch", "transformers"), "gptq": ("torch", "transformers"),
+                    "onnx": ("onnxruntime",)}
+
+
+def _cap_memory(backend: str) -> None:
+    """Import the backend's runtime first (its start-up is not the model's memory), then cap the
+    data segment (RLIMIT_DATA: heap and private mappings, not the mapped libraries)."""
+    limit = os.environ.get(MAX_MEMORY_ENV)
+    if not limit:
+        return
+    import importlib
+    import resource
+
+    for mod in _RUNTIME_MODULES.get(backend, ()):
+        importlib.import_module(mod)
+    used = 0
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmData:"):
+                used = int(line.split()[1]) * 1024
+    cap = used + int(float(limit) * 1024 * 1024)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+
+
 def _do_job(job: dict[str, Any]) -> dict[str, Any]:
     spec = RunnerSpec(**job["spec"])
+    _cap_memory(spec.backend)
+    if job["kind"] == "latency":
+        from llmops.benchmarks.latency import measure
+
+        return {"ok": True, **measure(spec, job)}
     if job["kind"] == "tokenize":
         r = make_runner(spec, vocab_only=True)
         text = Path(job["text_file"]).read_text(encoding="utf-8")
@@ -310,7 +351,6 @@ def child_main(job_file: str) -> int:
 
 def run_in_child(job: dict[str, Any], what: str, workdir: str | Path, timeout: float | None = None) -> dict[str, Any]:
     """Run a runner job in a child interpreter; native crashes and OOM kills become LLMOpsError."""
-    import signal
     import subprocess
     import sys
 
@@ -331,14 +371,21 @@ def run_in_child(job: dict[str, Any], what: str, workdir: str | Path, timeout: f
         if not reply.get("ok"):
             raise LLMOpsError(f"{what} failed: {reply.get('error')}")
         return reply
-    rc = proc.returncode
+    tail = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    raise LLMOpsError(f"{what} {child_exit_reason(proc.returncode, tail)}")
+
+
+def child_exit_reason(rc: int, stderr_lines: list[str]) -> str:
+    """How a child interpreter that sent no reply ended, in words: a signal (a native crash, or
+    SIGKILL, which on Linux is usually the OOM killer) or an exit code with its last error line."""
+    import signal
+
     if rc < 0:
         try:
             sig = signal.Signals(-rc).name
         except ValueError:
             sig = f"signal {-rc}"
-        reason = "was killed (out of memory?)" if -rc == signal.SIGKILL else f"crashed ({sig})"
-    else:
-        tail = [ln for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
-        reason = f"exited with code {rc}" + (f": {tail[-1].strip()[:200]}" if tail else "")
-    raise LLMOpsError(f"{what} {reason}")
+        return "was killed (out of memory?)" if -rc == signal.SIGKILL else f"crashed ({sig})"
+    last = next((t.strip() for t in reversed(stderr_lines)
+                 if t.strip() and not t.lstrip().startswith(("File ", "^", "~"))), "")
+    return f"exited with code {rc}" + (f": {last[:200]}" if last else "")

@@ -61,6 +61,16 @@ REQUIRED_CONFIG_FIELDS: dict[tuple[str, ...], tuple[type, ...]] = {
     ("vocab_size",): (int,),
 }
 
+# Fields the converters read when present: a wrong type must be a one-line error naming the
+# field, not a TypeError from deep inside a writer.
+_NUM, _INT = (int, float), (int,)
+OPTIONAL_CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
+    "intermediate_size": _INT, "num_key_value_heads": _INT, "max_position_embeddings": _INT, "head_dim": _INT,
+    "sliding_window": _INT, "rms_norm_eps": _NUM, "layer_norm_eps": _NUM, "layer_norm_epsilon": _NUM,
+    "rope_theta": _NUM, "partial_rotary_factor": _NUM, "query_pre_attn_scalar": _NUM,
+    "attn_logit_softcapping": _NUM, "final_logit_softcapping": _NUM,
+}
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -127,6 +137,15 @@ def validate_config(cfg: dict[str, Any], path: Path | str = "config.json",
             raise LLMOpsError(f"{path}: field {field!r} must be {want}, got {type(value).__name__} {value!r}")
         if types == (int,) and value <= 0:
             raise LLMOpsError(f"{path}: field {field!r} must be positive, got {value}")
+    for name, types in OPTIONAL_CONFIG_FIELDS.items():
+        value = cfg.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or isinstance(value, bool):
+            want = "a number" if float in types else "an integer"
+            raise LLMOpsError(f"{path}: field {name!r} must be {want}, got {type(value).__name__} {value!r}")
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise LLMOpsError(f"{path}: field {name!r} must be finite, got {value!r}")
     arch = cfg.get("architectures")
     if arch is not None and not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)):
         raise LLMOpsError(f"{path}: field 'architectures' must be a list of strings, got {arch!r}")

@@ -32,7 +32,7 @@ def parse_target(value: str) -> TargetSpec:
         if spec is not None:
             return spec
     fmt = value.strip().lower().split("-", 1)[0]
-    if fmt in _PLANNED:
+    if fmt in _PLANNED and fmt not in _registered:
         raise NotAvailable(f"conversion to {value} is not available in this version")
     raise UsageError(f"unknown target {value!r}; valid targets: {', '.join(valid_targets())}")
 
@@ -42,6 +42,7 @@ _PLANNED = ("gptq", "onnx")
 
 
 _loaded = False
+_registered: set[str] = set()
 
 
 def _load_builtin() -> None:
@@ -58,3 +59,4 @@ def _load_builtin() -> None:
         except ImportError:
             continue
         mod.register(register_targets)
+        _registered.add(fmt)

@@ -66,7 +66,12 @@ def describe(path: str | Path) -> Info:
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".gguf":
-            return _gguf_info(p)
+            try:
+                return _gguf_info(p)
+            except Exception as e:  # noqa: BLE001 - gguf-py raises anything from struct to numpy errors
+                from llmops.errors import LLMOpsError
+
+                raise LLMOpsError(f"{p}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         if suffix == ".safetensors":
             bits = _safetensors_bits([p])
             return Info("safetensors", {32: "F32", 16: "F16"}.get(round(bits or 0)), bits)

@@ -14,12 +14,21 @@ from llmops.errors import LLMOpsError
 from llmops.output import emit, log
 
 
-def server_command(store, host: str, port: int) -> list[str]:  # noqa: ANN001 - Store
+# The experiment's artifact location when the server serves artifacts: clients on other
+# machines upload and download through the server instead of writing to a local path.
+SERVED_ARTIFACT_ROOT = "mlflow-artifacts:/llmops"
+
+
+def server_command(store, host: str, port: int, serve_artifacts: bool = False,  # noqa: ANN001 - Store
+                   workers: int = 1) -> list[str]:
     s = store.settings
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.db_url, "--host", host, "--port", str(port)]
-    if s.is_sqlite:
+    if serve_artifacts:
+        cmd += ["--serve-artifacts", "--artifacts-destination", s.artifact_root.as_uri(),
+                "--default-artifact-root", "mlflow-artifacts:/"]
+    elif s.is_sqlite:
         cmd += ["--default-artifact-root", s.artifact_root.as_uri()]
-    cmd += ["--workers", "1"]
+    cmd += ["--workers", str(workers)]
     return cmd
 
 
@@ -47,21 +56,38 @@ def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float
     raise LLMOpsError(f"the MLflow server did not answer at {url} within {timeout:.0f} s")
 
 
-def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = False) -> int:  # noqa: ANN001
+def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = False,  # noqa: ANN001
+          serve_artifacts: bool = False, workers: int = 1) -> int:
+    """MLflow's server on the store's database. With ``serve_artifacts`` it is the shared
+    tracking server of a team or CI: clients set ``MLFLOW_TRACKING_URI`` to it (and
+    ``LLMOPS_DATABASE_URL`` to the same database for lineage) and upload through it."""
     if store.settings.tracking_uri != store.settings.db_url:
         raise LLMOpsError(f"MLFLOW_TRACKING_URI points at {redact(store.settings.tracking_uri)}: open that server's UI instead")
     if not port_free(host, port):
         raise LLMOpsError(f"port {port} on {host} is in use: choose another with --port")
+    if serve_artifacts:
+        store.artifact_location = SERVED_ARTIFACT_ROOT
     store.open()  # create/migrate tables first, so the server starts on a ready database
+    if serve_artifacts:
+        loc = store.mlflow.get_experiment(store.experiment_id).artifact_location
+        if not loc.startswith("mlflow-artifacts:"):
+            raise LLMOpsError(f"this store keeps artifacts at {loc}, which clients of a shared server cannot "
+                              "reach: start a shared server on a fresh database")
     url = f"http://{host}:{port}"
     env = dict(os.environ)
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    proc = subprocess.Popen(server_command(store, host, port), env=env)  # noqa: S603 - fixed argv
+    import signal
+
+    # A service manager (or a test) stops us with SIGTERM: take the server down with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    proc = subprocess.Popen(server_command(store, host, port, serve_artifacts, workers), env=env)  # noqa: S603 - fixed argv
     try:
         wait_until_up(url, proc)
         if json_mode:
             emit(True, {"url": url, "pid": proc.pid, **store.describe()})
         log(f"MLflow UI for {store.settings.store_dir} at {url} (Ctrl-C to stop)")
+        if serve_artifacts:
+            log(f"clients: MLFLOW_TRACKING_URI={url} LLMOPS_DATABASE_URL={redact(store.settings.db_url)}")
         return proc.wait()
     except KeyboardInterrupt:
         return 0

@@ -81,8 +81,11 @@ def build_tokenizer(dest: Path) -> None:
     fast.save_pretrained(dest)
 
 
-def tiny_model(arch: str, dest: str | Path, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a random-initialised ``arch`` model (safetensors + tokenizer) to ``dest``."""
+def tiny_model(arch: str, dest: str | Path, seed: int = 0, dtype: str = "float32",
+               overrides: dict[str, Any] | None = None) -> Path:
+    """Write a random-initialised ``arch`` model (safetensors + tokenizer) to ``dest``.
+
+    ``overrides`` replace config fields (a wider or deeper model for tests that need size)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -96,6 +99,7 @@ def tiny_model(arch: str, dest: str | Path, seed: int = 0, dtype: str = "float32
     model_type = params.pop("model_type")
     if model_type == "gpt2":
         params = {k: v for k, v in params.items() if k not in _COMMON}
+    params.update(overrides or {})
     params["vocab_size"] = vocab
     params.update(bos_token_id=0, eos_token_id=2, pad_token_id=0)
     config = AutoConfig.for_model(model_type, **params)

@@ -18,6 +18,7 @@ from llmops.errors import LLMOpsError, UsageError
 from llmops.registry import results
 from llmops.registry.gates import Gate, GateResult, evaluate
 from llmops.registry.locks import named_lock
+from llmops.registry.versions import run_of
 from llmops.registry.refs import Ref, validate_name
 from llmops.registry.store import Store, actor
 from llmops.registry.tables import Artifact, LineageEdge, Promotion, Version
@@ -142,10 +143,10 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
                                       parameters={"prompt": prompt, "alias": alias}))
             s.flush()
             result.audit_id = row.id
-        if prompt_art is not None and moved and mv.run_id:
+        if prompt_art is not None and moved and run_of(mv):
             from llmops.registry.versions import _draw_lineage
 
-            _draw_lineage(store, _artifact(store, name, version).id, mv.run_id)
+            _draw_lineage(store, _artifact(store, name, version).id, run_of(mv))
     return result
 
 

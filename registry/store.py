@@ -42,6 +42,9 @@ class Store:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or resolve()
         self._opened = False
+        # Where a new experiment keeps its artifacts; None: the store's own folder when MLflow
+        # talks to the database directly, the server's default behind a tracking server.
+        self.artifact_location: str | None = None
 
     # -- opening ---------------------------------------------------------
     @contextmanager
@@ -84,6 +87,8 @@ class Store:
     @cached_property
     def mlflow(self) -> MlflowClient:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        # Behind a tracking server MLflow prints run links on stdout, which --json reserves.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         import logging
 
         from mlflow import MlflowClient
@@ -96,8 +101,8 @@ class Store:
         exp = self.mlflow.get_experiment_by_name(EXPERIMENT)
         if exp is not None:
             return exp.experiment_id
-        location = None
-        if self.settings.tracking_is_local_db:
+        location = self.artifact_location
+        if location is None and self.settings.tracking_is_local_db:
             self.settings.artifact_root.mkdir(parents=True, exist_ok=True)
             location = self.settings.artifact_root.as_uri()
         try:

@@ -10,6 +10,7 @@ behind. The same bytes registered twice are one artifact and one stored copy
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from llmops.errors import LLMOpsError, UsageError
 from llmops.hashing import sha256_path, size_of
 from llmops.registry import artifacts
 from llmops.registry.refs import Ref, is_ref, parse_ref, validate_name
+from llmops.registry.locks import named_lock
 from llmops.registry.store import Store, actor
 from llmops.registry.tables import Artifact, LineageEdge, Run, Version, utcnow
 
@@ -110,6 +112,19 @@ def resolve_artifact(store: Store, ref_or_path: str, session=None) -> Artifact: 
     if art is None:
         raise LLMOpsError(f"{ref_or_path} has no llmops record")
     return art
+
+
+RUN_TAG = "llmops.run_id"
+
+
+def run_of(mv) -> str | None:  # noqa: ANN001 - mlflow ModelVersion
+    """The MLflow run that holds this version's parameters and metrics (see ``register``)."""
+    return (getattr(mv, "tags", None) or {}).get(RUN_TAG) or mv.run_id
+
+
+def _run_id_in(uri: str | None) -> str | None:
+    m = re.search(r"/([0-9a-f]{32})/artifacts(/|$)", uri or "")
+    return m.group(1) if m else None
 
 
 def _parent_artifact(store: Store, session, parent: ParentSpec) -> Artifact:  # noqa: ANN001
@@ -211,47 +226,57 @@ def register(
                 client.log_artifact(run_id, str(src), ARTIFACT_PATH)
                 stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}/{src.name}"
             stored_source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
-        try:
-            client.create_registered_model(name)
-            created_model = True
-        except Exception as exc:  # noqa: BLE001 - already exists is fine
-            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-                raise
-        mv = client.create_model_version(name, stored_source, run_id=run_id, tags=version_tags)
+        # One registration of a model at a time, across processes and machines: MLflow numbers
+        # versions by reading the last one, and two bytes-identical artifacts must be one row.
+        with named_lock(store, f"register:{name}"):
+            try:
+                client.create_registered_model(name)
+                created_model = True
+            except Exception as exc:  # noqa: BLE001 - already exists is fine
+                if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                    raise
+            # Behind a tracking server MLflow only accepts a source inside the version's own
+            # run; bytes stored by an earlier run keep that run as the version's MLflow run, and
+            # this registration's run (parameters, metrics, lineage picture) is named in a tag.
+            source_run = run_id
+            if stored is not None and not store.settings.tracking_is_local_db:
+                source_run = _run_id_in(stored_source) or run_id
+            mv = client.create_model_version(name, stored_source, run_id=source_run,
+                                             tags={**version_tags, RUN_TAG: run_id})
 
-        with store.session() as s:
-            art = artifacts.by_sha(s, sha)
-            meta = {"stored": True, "source": stored_source, "is_dir": src.is_dir(), "filename": src.name}
-            if art is None:
-                art = Artifact(
-                    kind="model", name=name, version=str(mv.version), uri=stored_uri, sha256=sha,
-                    size_bytes=size, format=fmt, quant=quant, meta=meta, created_by=actor(),
+            with store.session() as s:
+                art = artifacts.by_sha(s, sha)
+                meta = {"stored": True, "source": stored_source, "is_dir": src.is_dir(), "filename": src.name}
+                if art is None:
+                    art = Artifact(
+                        kind="model", name=name, version=str(mv.version), uri=stored_uri, sha256=sha,
+                        size_bytes=size, format=fmt, quant=quant, meta=meta, created_by=actor(),
+                    )
+                    s.add(art)
+                    s.flush()
+                elif not art.meta.get("stored"):
+                    # Known before only as a lineage parent (a path outside the store): now it is stored.
+                    art.kind, art.uri, art.meta = "model", stored_uri, {**art.meta, **meta}
+                    art.format, art.quant = art.format or fmt, art.quant or quant
+                run_row = Run(
+                    kind=command.split()[0], command=command, parameters={**all_params, "name": name},
+                    tool_versions=tool_versions or {}, status="finished", finished_at=utcnow(),
+                    seconds=time.time() - t0, mlflow_run_id=run_id,
                 )
-                s.add(art)
+                s.add(run_row)
                 s.flush()
-            elif not art.meta.get("stored"):
-                # Known before only as a lineage parent (a path outside the store): now it is stored.
-                art.kind, art.uri, art.meta = "model", stored_uri, {**art.meta, **meta}
-                art.format, art.quant = art.format or fmt, art.quant or quant
-            run_row = Run(
-                kind=command.split()[0], command=command, parameters={**all_params, "name": name},
-                tool_versions=tool_versions or {}, status="finished", finished_at=utcnow(),
-                seconds=time.time() - t0, mlflow_run_id=run_id,
-            )
-            s.add(run_row)
-            s.flush()
-            s.add(Version(kind="model", name=name, version=str(mv.version), artifact_id=art.id, mlflow_run_id=run_id))
-            linked: set[tuple[int, str]] = set()
-            for p in parents:
-                parent_art = _parent_artifact(store, s, p)
-                key = (parent_art.id, p.relation)
-                if parent_art.id == art.id or key in linked or s.scalars(select(LineageEdge.id).where(
-                        LineageEdge.parent_id == parent_art.id, LineageEdge.child_id == art.id,
-                        LineageEdge.relation == p.relation)).first() is not None:
-                    continue  # the same parent named twice (by path and by reference) is one edge
-                linked.add(key)
-                s.add(LineageEdge(parent_id=parent_art.id, child_id=art.id, relation=p.relation,
-                                  parameters=p.parameters, run_id=run_row.id))
+                s.add(Version(kind="model", name=name, version=str(mv.version), artifact_id=art.id, mlflow_run_id=run_id))
+                linked: set[tuple[int, str]] = set()
+                for p in parents:
+                    parent_art = _parent_artifact(store, s, p)
+                    key = (parent_art.id, p.relation)
+                    if parent_art.id == art.id or key in linked or s.scalars(select(LineageEdge.id).where(
+                            LineageEdge.parent_id == parent_art.id, LineageEdge.child_id == art.id,
+                            LineageEdge.relation == p.relation)).first() is not None:
+                        continue  # the same parent named twice (by path and by reference) is one edge
+                    linked.add(key)
+                    s.add(LineageEdge(parent_id=parent_art.id, child_id=art.id, relation=p.relation,
+                                      parameters=p.parameters, run_id=run_row.id))
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
@@ -298,16 +323,16 @@ def show(store: Store, ref: Ref | str) -> VersionInfo:
     mv = resolve_model_version(store, ref)
     art = artifact_for(store, "model", mv.name, mv.version)
     metrics: dict[str, float] = {}
-    if mv.run_id:
+    if run_of(mv):
         try:
-            metrics = dict(store.mlflow.get_run(mv.run_id).data.metrics)
+            metrics = dict(store.mlflow.get_run(run_of(mv)).data.metrics)
         except Exception:  # noqa: BLE001 - a deleted run leaves the version readable
             metrics = {}
     return VersionInfo(
         name=mv.name,
         version=str(mv.version),
         uri=f"models:/{mv.name}/{mv.version}",
-        run_id=mv.run_id,
+        run_id=run_of(mv),
         source=mv.source,
         aliases=list(mv.aliases or []),
         tags=dict(mv.tags or {}),

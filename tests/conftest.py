@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,18 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
         yield StoreEnv("sqlite", store_dir, f"sqlite:///{store_dir / 'llmops.db'}")
         _forget_engines()
         return
+    with fresh_pg_database() as url:
+        monkeypatch.setenv("LLMOPS_DATABASE_URL", url)
+        try:
+            yield StoreEnv("postgres", store_dir, url)
+        finally:
+            _forget_engines()
+
+
+@contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database for one test (dropped afterwards, even with clients
+    still connected); skips without a server, fails under CI=true."""
     problem = _pg_reachable()
     if problem:
         if os.environ.get("CI"):
@@ -72,15 +85,18 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
     admin = _pg_admin_engine()
     with admin.connect() as c:
         c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    monkeypatch.setenv("LLMOPS_DATABASE_URL", url)
     try:
-        yield StoreEnv("postgres", store_dir, url)
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        _forget_engines()
         with admin.connect() as c:
             c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    with fresh_pg_database() as url:
+        yield url
 
 
 @dataclass

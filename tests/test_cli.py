@@ -45,20 +45,15 @@ def test_every_command_of_the_contract_is_listed() -> None:
         assert f"  {name} " in r.stdout, name
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["bench", "x.gguf"],
-        ["bench", "compare", "models:/a/1"],
-    ],
-)
-def test_commands_not_in_this_version_say_so_and_exit_2(args: list[str], cli) -> None:
-    r = cli(*args)
+def test_a_converter_that_is_not_installed_says_so_and_exits_2(cli, tiny_models, tmp_path, monkeypatch) -> None:
+    from llmops.converters import api
+
+    monkeypatch.setitem(api.CONVERTERS, "gguf", "llmops.converters.not_installed:Converter")
+    r = cli("convert", tiny_models("llama"), "--to", "gguf-q8_0", "-o", tmp_path / "x.gguf", "--no-verify")
     assert r.code == 2
     assert r.err.strip().startswith("error:") and "not available" in r.err
     assert len(r.err.strip().splitlines()) == 1
-    r = cli(*args, "--json")
-    assert r.code == 2 and "not available" in r.json()["error"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_json_before_and_after_the_command(cli, tmp_path, monkeypatch) -> None:

@@ -146,7 +146,7 @@ class StreamingGGUFWriter:
     def _put(self, item: Any) -> None:
         if self._error is not None:
             err = self._error
-            raise LLMOpsError(f"writing the GGUF file failed: {getattr(err, 'strerror', None) or err}")
+            raise LLMOpsError(f"cannot write the GGUF file: {getattr(err, 'strerror', None) or err}")
         self._q.put(item)
 
     def _pad(self) -> None:
@@ -186,7 +186,7 @@ class StreamingGGUFWriter:
         self._join()
         if self._error is not None:
             err = self._error
-            raise LLMOpsError(f"writing the GGUF file failed: {getattr(err, 'strerror', None) or err}")
+            raise LLMOpsError(f"cannot write the GGUF file: {getattr(err, 'strerror', None) or err}")
         if self._f is not None:
             if self._i != len(self.plan):
                 raise LLMOpsError(f"internal error: {self._i} of {len(self.plan)} tensors written")

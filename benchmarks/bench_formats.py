@@ -1,0 +1,181 @@
+"""Formats benchmark: every target of the SmolLM2 fixture through ``llmops bench``, and our
+perplexity path against llama.cpp's own ``llama-perplexity`` on the same GGUF.
+
+    python benchmarks/bench_formats.py [--threads 2] [--chunks 16] [--runs 3] [--decode-tokens 64]
+                                       [--targets gguf-f16,gguf-q8_0,gguf-q4,...] [--no-native]
+
+1. Converts the fixture to each target (skipping targets whose converter is not installed),
+   then runs ``llmops bench`` on all of them plus the fp32 source, with the source as the
+   KL-divergence baseline: one table, the same hardware, one invocation.
+2. Perplexity throughput: ``llmops.benchmarks.accuracy.evaluate`` on the Q4_K_M GGUF against
+   llama.cpp's native ``llama-perplexity`` (built once with CMake from the llama-cpp-python
+   source distribution's ``vendor/llama.cpp`` into the llmops cache; never part of the
+   project), same context, chunks and threads; medians of ``--runs`` runs and their ratio.
+
+Prints markdown tables (the README's results table comes from here) and, with ``--json``,
+the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_convert import LLAMA_CPP_PYTHON  # noqa: E402
+
+DEFAULT_TARGETS = "gguf-f16,gguf-q8_0,gguf-q4,onnx,onnx-int4,gptq-4bit"
+
+
+def llama_perplexity_binary() -> Path:
+    """llama.cpp's perplexity tool, built from the same llama.cpp that llama-cpp-python wraps."""
+    from llmops.fixtures import cache_dir
+
+    root = cache_dir() / "reference" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    binary = root / "build" / "bin" / "llama-perplexity"
+    if binary.is_file():
+        return binary
+    dl = cache_dir() / "reference" / "sdist"
+    dl.mkdir(parents=True, exist_ok=True)
+    tar = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not tar.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], check=True, capture_output=True)
+    src = root / "src"
+    if not (src / "CMakeLists.txt").is_file():
+        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+        with tarfile.open(tar) as tf:
+            members = []
+            for m in tf.getmembers():
+                if m.name.startswith(prefix) and len(m.name) > len(prefix):
+                    m.name = m.name[len(prefix):]
+                    members.append(m)
+            tf.extractall(src, members=members, filter="data")
+    print("building llama-perplexity (once; several minutes on 2 cores)", file=sys.stderr)
+    subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                   check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-perplexity", "-j",
+                    str(os.cpu_count() or 2)], check=True, capture_output=True)
+    return binary
+
+
+def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int, threads: int) -> tuple[float, float]:
+    """(seconds, perplexity) of llama-perplexity; time includes its load, as ours does."""
+    t0 = time.perf_counter()
+    p = subprocess.run([str(binary), "-m", str(gguf), "-f", str(text_file), "-c", "512", "--chunks", str(chunks),
+                        "-t", str(threads), "-b", "512"], capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"llama-perplexity failed: {p.stderr[-2000:]}")
+    m = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
+    return secs, float(m.group(1)) if m else float("nan")
+
+
+def ours_perplexity(gguf: Path, text: str, chunks: int, threads: int) -> tuple[float, float]:
+    from llmops.benchmarks.accuracy import evaluate
+
+    t0 = time.perf_counter()
+    res = evaluate(gguf, text, chunks=chunks, threads=threads)
+    return time.perf_counter() - t0, res["ppl_output"]
+
+
+def convert_all(src: Path, targets: list[str], workdir: Path) -> dict[str, Path]:
+    from llmops.converters.api import convert
+    from llmops.errors import NotAvailable
+
+    out: dict[str, Path] = {}
+    for t in targets:
+        dest = workdir / (f"{t}.gguf" if t.startswith("gguf") else t)
+        try:
+            print(f"converting to {t}", file=sys.stderr)
+            out[t] = convert(src, t, dest, verify=False).output
+        except NotAvailable as e:
+            print(f"skipping {t}: {e}", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--targets", default=DEFAULT_TARGETS)
+    ap.add_argument("--no-native", action="store_true", help="skip the llama-perplexity comparison")
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    from llmops.evaltext import evaluation_part, load_eval_text
+    from llmops.fixtures import smollm2_checkpoint
+
+    ev = load_eval_text()
+    src = smollm2_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="llmops-bench-formats-", dir=args.workdir) as d:
+        work = Path(d)
+        arts = convert_all(src, [t.strip() for t in args.targets.split(",") if t.strip()], work)
+        cmd = [str(Path(sys.executable).with_name("llmops")), "--json", "bench", str(src), *map(str, arts.values()),
+               "--baseline", str(src), "--threads", str(args.threads), "--chunks", str(args.chunks), "--runs",
+               str(args.runs), "--decode-tokens", str(args.decode_tokens), "--no-record"]
+        print("running: llmops bench <fp32 source> " + " ".join(arts), file=sys.stderr)
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"llmops bench failed ({p.returncode})")
+        rows = json.loads(p.stdout)["rows"]
+        names = ["fp32 (torch)", *arts]
+        report: dict[str, object] = {"threads": args.threads, "chunks": args.chunks, "runs": args.runs,
+                                     "decode_tokens": args.decode_tokens, "formats": []}
+        print(f"\n### Formats (SmolLM2-135M, {args.threads} threads, {args.chunks}×512 tokens, "
+              f"median of {args.runs} runs, {args.decode_tokens} decode tokens)\n")
+        print("| target | backend | MiB | bits/w | PPL | ΔPPL % | KLD | top-1 | prefill tok/s | decode tok/s | peak RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        base = rows[0]["ppl"]
+        for name, r in zip(names, rows):
+            report["formats"].append({"target": name, **r})  # type: ignore[union-attr]
+            bpw = r.get("bits_per_weight")
+            print(f"| {name} | {r['backend']} | {r['file_mb']:.1f} | {bpw:.2f} | {r['ppl']:.3f} | "
+                  f"{100 * (r['ppl'] / base - 1):+.2f} | {r.get('kld', 0):.4f} | {r.get('top1', 1):.4f} | "
+                  f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_rss_mb']:.0f} |"
+                  if bpw else
+                  f"| {name} | {r['backend']} | {r['file_mb']:.1f} | - | {r['ppl']:.3f} | "
+                  f"{100 * (r['ppl'] / base - 1):+.2f} | {r.get('kld', 0):.4f} | {r.get('top1', 1):.4f} | "
+                  f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_rss_mb']:.0f} |")
+
+        gguf = arts.get("gguf-q4")
+        if gguf is not None and not args.no_native:
+            binary = llama_perplexity_binary()
+            text_file = work / "eval.txt"
+            text_file.write_text(evaluation_part(ev.text), encoding="utf-8")
+            ntok, nat = [], []
+            for _ in range(args.runs):
+                nat.append(native_perplexity(binary, gguf, text_file, args.chunks, args.threads))
+                ntok.append(ours_perplexity(gguf, ev.text, args.chunks, args.threads))
+            t_ours = statistics.median(s for s, _ in ntok)
+            t_nat = statistics.median(s for s, _ in nat)
+            scored = args.chunks * 512
+            report["perplexity_path"] = {"ours_s": t_ours, "native_s": t_nat, "ours_ppl": ntok[0][1],
+                                         "native_ppl": nat[0][1], "throughput_ratio": t_nat / t_ours}
+            print(f"\n### Perplexity path (Q4_K_M GGUF, {args.chunks}×512 tokens, {args.threads} threads, "
+                  f"median of {args.runs}, load included)\n")
+            print("| tool | seconds | tokens/s | PPL |\n|---|---|---|---|")
+            print(f"| llama.cpp llama-perplexity | {t_nat:.2f} | {scored / t_nat:.0f} | {nat[0][1]:.4f} |")
+            print(f"| llmops (llama-cpp-python, child process) | {t_ours:.2f} | {scored / t_ours:.0f} | "
+                  f"{ntok[0][1]:.4f} |")
+            print(f"\nthroughput ratio ours/native: {t_nat / t_ours:.2f}×")
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
