@@ -88,11 +88,20 @@ def test_windows_follow_llama_perplexity() -> None:
 
 
 def test_peak_rss_sees_an_allocation() -> None:
+    # A fresh anonymous mapping, every page written: resident memory must grow by its size.
+    # (A malloc'd block could reuse pages an earlier test freed but the heap kept resident,
+    # and then RSS would not move at all.)
+    import mmap
+    import time
+
+    size = 64 << 20
     with PeakRSS() as m:
         start = m.peak
-        block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
-        import time
-
-        time.sleep(0.05)
-        del block
-    assert m.peak >= start + (32 << 20)
+        block = mmap.mmap(-1, size)
+        for off in range(0, size, mmap.PAGESIZE):
+            block[off] = 1
+        deadline = time.monotonic() + 5.0  # the sampler polls every 10 ms; allow a loaded machine
+        while m.peak < start + size // 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        block.close()
+    assert m.peak >= start + size // 2
