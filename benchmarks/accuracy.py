@@ -5,6 +5,8 @@ One implementation shared by every converter's ``--verify`` (a few chunks) and
 artifact's own tokenizer (llama.cpp's for a GGUF, the Hugging Face tokenizer
 otherwise), the same windows are fed to both models (see ``logits.py`` for the
 llama.cpp-compatible windowing), and the metrics are streamed chunk by chunk.
+Without a source only per-token NLLs leave the runner's process; with one, both
+models' scored logits go through ``.npy`` files for the KL-divergence.
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.logits import RunnerSpec, Windows, backend_for, make_runner, make_windows, run_in_child
+from llmops.benchmarks.logits import (
+    RunnerSpec,
+    Windows,
+    backend_for,
+    make_runner,
+    make_windows,
+    run_in_child,
+    score_windows,
+)
 from llmops.benchmarks.metrics import StreamingAccuracy
 from llmops.errors import LLMOpsError
 
@@ -43,23 +53,26 @@ def tokenize_with_gguf(gguf_path: str | Path, text: str, *, n_ctx: int = 512, in
     return tokenize_with(spec, text, in_process=in_process, workdir=workdir)
 
 
-def _logits_file(spec: RunnerSpec, win: Windows, d: Path, tag: str, in_process: bool) -> np.ndarray:
+def _score(spec: RunnerSpec, win: Windows, d: Path, tag: str, in_process: bool,
+           keep_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
+    """(scored logits or None, per-token NLL) of every window, from the runner in a child process.
+
+    The NLL is computed where the logits are made; the logits (50 MB a window) are written and
+    read back only when ``keep_logits`` (a KL-divergence/top-1 comparison needs both models')."""
     last = win.n_ctx - 1
     out = d / f"{tag}.npy"
     if in_process:
-        runner = make_runner(spec)
-        arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float32,
-                                        shape=(win.n_chunk, last - win.first, runner.vocab_size))
-        for i in range(win.n_chunk):
-            arr[i] = runner.logits(win.inputs[i])[win.first:last]
-        arr.flush()
-        del arr
+        nll = score_windows(make_runner(spec), win.inputs, win.targets, win.first, last,
+                            out if keep_logits else None)
     else:
-        inputs = d / f"{tag}-inputs.npy"
+        inputs, targets, nll_file = d / f"{tag}-inputs.npy", d / f"{tag}-targets.npy", d / f"{tag}-nll.npy"
         np.save(inputs, win.inputs)
-        run_in_child({"kind": "logits", "spec": spec.__dict__, "inputs": str(inputs), "first": win.first,
-                      "last": last, "out": str(out)}, f"{spec.backend} runner", d)
-    return np.load(out, mmap_mode="r")
+        np.save(targets, win.targets)
+        run_in_child({"kind": "logits", "spec": spec.__dict__, "inputs": str(inputs), "targets": str(targets),
+                      "first": win.first, "last": last, "nll": str(nll_file),
+                      "out": str(out) if keep_logits else None}, f"{spec.backend} runner", d)
+        nll = np.load(nll_file)
+    return (np.load(out, mmap_mode="r") if keep_logits else None), nll
 
 
 def evaluate(
@@ -93,7 +106,7 @@ def evaluate(
         tokens, add_bos, bos_id = tokenize_with(spec, text, in_process=in_process, workdir=d)
         win = make_windows(tokens, n_ctx, chunks, add_bos, bos_id)
         say(f"evaluating {win.n_chunk} chunk(s) of {n_ctx} tokens with {backend}")
-        out_logits = _logits_file(spec, win, d, "output", in_process)
+        out_logits, out_nll = _score(spec, win, d, "output", in_process, keep_logits=source is not None)
         src_logits = None
         if source is not None:
             sb = source_backend or backend_for(source)
@@ -104,16 +117,20 @@ def evaluate(
                 src_logits = np.load(cached, mmap_mode="r")
             else:
                 say(f"evaluating the same chunks with the source model ({source}) in {sb}")
-                src_logits = _logits_file(src_spec, win, d, "source", in_process)
+                src_logits, _ = _score(src_spec, win, d, "source", in_process, keep_logits=True)
                 if cached is not None:
                     _store(cached, d / "source.npy")
+            assert out_logits is not None
             if src_logits.shape[-1] != out_logits.shape[-1]:
                 raise LLMOpsError(f"vocabulary sizes differ: source {src_logits.shape[-1]}, "
                                   f"artifact {out_logits.shape[-1]}")
         acc = StreamingAccuracy()
-        for i in range(win.n_chunk):
-            acc.add(None if src_logits is None else np.asarray(src_logits[i]), np.asarray(out_logits[i]),
-                    win.targets[i])
+        if src_logits is None:
+            acc.add_nll(out_nll)
+        else:
+            assert out_logits is not None
+            for i in range(win.n_chunk):
+                acc.add(np.asarray(src_logits[i]), np.asarray(out_logits[i]), win.targets[i])
         del out_logits, src_logits
     res = acc.result()
     res.update(chunks=win.n_chunk, n_ctx=n_ctx)

@@ -34,19 +34,24 @@ class _LlamaCpp:
     def __init__(self, spec: RunnerSpec, n_ctx: int) -> None:
         from llmops.benchmarks.logits import LlamaCppRunner
 
-        self.r = LlamaCppRunner(spec.path, n_ctx=n_ctx, threads=spec.threads, device=spec.device, logits_all=False)
+        self.r = LlamaCppRunner(spec.path, n_ctx=n_ctx, threads=spec.threads, device=spec.device)
         self.llm = self.r.llm
+
+    def _next(self) -> int:
+        # Llama.eval keeps no logits without logits_all; read the last position's from the context
+        row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.r.vocab_size,))
+        return int(np.argmax(row))
 
     def run(self, prompt: list[int], n_new: int) -> tuple[float, float, int]:
         llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = self._next()
         t1 = time.perf_counter()
         for _ in range(n_new - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = self._next()
         return t1 - t0, time.perf_counter() - t1, n_new
 
 

@@ -57,8 +57,11 @@ class LogitsRunner(Protocol):
         """The ids the artifact's own tokenizer gives ``text`` (BOS first only if it adds one)."""
         ...
 
-    def logits(self, tokens: np.ndarray) -> np.ndarray:
-        """[len(tokens), vocab] float32 logits for one sequence evaluated from an empty cache."""
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
+        """[last - first, vocab] float32 logits at positions ``first..last-1`` of one sequence
+        evaluated from an empty cache (all positions by default). Perplexity scores only the
+        second half of each window, so a runner that can skip the output projection for the
+        other positions should."""
         ...
 
 
@@ -73,8 +76,10 @@ BACKENDS: dict[str, str] = {
 
 def backend_for(path: str | Path) -> str:
     """Which runner reads this artifact (from its headers, not its name)."""
-    from llmops.artifact_info import describe
+    from llmops.artifact_info import describe, is_gguf
 
+    if is_gguf(path):  # the magic is enough; parsing a GGUF's metadata takes seconds
+        return "llama.cpp"
     fmt = describe(path).format
     return {"gguf": "llama.cpp", "onnx": "onnx", "gptq": "gptq"}.get(fmt, "torch")
 
@@ -104,7 +109,7 @@ class HFTokenizerMixin:
 
 class LlamaCppRunner:
     def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
-                 kv_f32: bool = False, device: str = "cpu", logits_all: bool = True) -> None:
+                 kv_f32: bool = False, device: str = "cpu") -> None:
         import llama_cpp
 
         if not Path(path).is_file():
@@ -113,9 +118,14 @@ class LlamaCppRunner:
         try:
             with _model_params(use_extra_bufts=_extra_bufts_ok()):
                 self.llm = llama_cpp.Llama(
-                    model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=logits_all,
+                    model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=False,
                     n_threads=threads, n_threads_batch=threads, vocab_only=vocab_only, verbose=False,
                     n_gpu_layers=-1 if device == "cuda" else 0,
+                    # llama-perplexity's default ("auto") turns flash attention on wherever the
+                    # backend has it, CPU included: the same kernels give the same perplexity, to
+                    # the last digit it prints. Its CPU kernel rounds through float16, so a float32
+                    # KV cache, asked for to compare with float32 references, goes without it.
+                    flash_attn=not kv_f32,
                     **({"type_k": 0, "type_v": 0} if kv_f32 else {}),  # GGML_TYPE_F32 KV cache
                 )
         except ValueError as e:
@@ -129,11 +139,34 @@ class LlamaCppRunner:
         # add_special=True: BOS only if the vocabulary asks for it; specials in the text are plain text
         return np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)
 
-    def logits(self, tokens: np.ndarray) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval([int(t) for t in tokens])
-        return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
-
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
+        """Decode through llama.cpp's batch API directly: ``Llama.eval`` asks for logits at
+        every position (or only the last) and copies them twice, while llama-perplexity flags
+        only the scored positions, so llama.cpp skips the output projection for the rest."""
+        tokens = np.asarray(tokens, dtype=np.int32)
+        n = len(tokens)
+        last = n if last is None else last
+        ctx, batch, n_batch = self.llm._ctx, self.llm._batch, self.llm.n_batch
+        ctx.kv_cache_clear()
+        out = np.empty((last - first, self.vocab_size), dtype=np.float32)
+        row = 0
+        for start in range(0, n, n_batch):
+            part = tokens[start:start + n_batch]
+            batch.set_batch(batch=part.tolist(), n_past=start, logits_all=False)
+            flags = batch.batch.logits
+            wanted = 0
+            for i in range(len(part)):
+                want = first <= start + i < last
+                flags[i] = want
+                wanted += want
+            if wanted == 0:  # llama.cpp needs at least one output per batch; computed, not kept
+                flags[len(part) - 1] = True
+            ctx.decode(batch)
+            if wanted:
+                got = np.ctypeslib.as_array(ctx.get_logits(), shape=(wanted, self.vocab_size))
+                out[row:row + wanted] = got
+                row += wanted
+        return out
 
 def _extra_bufts_ok() -> bool:
     """Whether to let llama.cpp repack weights into its CPU extra buffer types (see _model_params)."""
@@ -179,12 +212,15 @@ class TorchLogitsMixin:
 
     device: str = "cpu"
 
-    def logits(self, tokens: np.ndarray) -> np.ndarray:
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
         torch = self.torch
+        n = len(tokens)
+        last = n if last is None else last
         with torch.inference_mode():
             ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None].to(self.device)
-            out = self.model(input_ids=ids, use_cache=False).logits[0]
-        return out.float().cpu().numpy()
+            # logits_to_keep=k: the output projection runs on the last k positions only
+            out = self.model(input_ids=ids, use_cache=False, logits_to_keep=n - first).logits[0]
+        return out[: last - first].float().cpu().numpy()
 
 
 class TorchRunner(TorchLogitsMixin, HFTokenizerMixin):
@@ -324,15 +360,33 @@ def _do_job(job: dict[str, Any]) -> dict[str, Any]:
         np.save(job["out"], r.tokenize(text))
         return {"ok": True, "add_bos": r.add_bos, "bos_id": r.bos_id, "vocab_size": r.vocab_size}
     runner = make_runner(spec)
-    inputs = np.load(job["inputs"])
-    first, last = job["first"], job["last"]
-    out = np.lib.format.open_memmap(job["out"], mode="w+", dtype=np.float32,
-                                    shape=(inputs.shape[0], last - first, runner.vocab_size))
-    for i in range(inputs.shape[0]):
-        out[i] = runner.logits(inputs[i])[first:last]
-    out.flush()
-    del out
+    nll = score_windows(runner, np.load(job["inputs"]), np.load(job["targets"]), job["first"], job["last"],
+                        job.get("out"))
+    np.save(job["nll"], nll)
     return {"ok": True, "vocab_size": runner.vocab_size}
+
+
+def score_windows(runner: LogitsRunner, inputs: np.ndarray, targets: np.ndarray, first: int, last: int,
+                  logits_out: str | Path | None = None) -> np.ndarray:
+    """Per-token NLL ``[n_chunk, last - first]`` of each window's scored positions, computed where
+    the logits are made; the logits themselves (``[n_chunk, last - first, vocab]`` float32, 50 MB
+    a window for a 49k vocabulary) go to ``logits_out`` only when a comparison needs them."""
+    from llmops.benchmarks.metrics import token_nll
+
+    keep = None
+    if logits_out is not None:
+        keep = np.lib.format.open_memmap(logits_out, mode="w+", dtype=np.float32,
+                                         shape=(inputs.shape[0], last - first, runner.vocab_size))
+    nll = np.empty(targets.shape, dtype=np.float64)
+    for i in range(inputs.shape[0]):
+        lg = runner.logits(inputs[i], first, last)
+        nll[i] = token_nll(lg, targets[i])
+        if keep is not None:
+            keep[i] = lg
+    if keep is not None:
+        keep.flush()
+        del keep
+    return nll
 
 
 def child_main(job_file: str) -> int:

@@ -42,6 +42,15 @@ def _safetensors_bits(files: list[Path]) -> float | None:
     return 8.0 * total_bytes / total_elems if total_elems else None
 
 
+def is_gguf(path: str | Path) -> bool:
+    """A file that starts with GGUF's magic (the first four bytes, "GGUF")."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"GGUF"
+    except OSError:  # a folder, or unreadable: not a GGUF file
+        return False
+
+
 def _gguf_info(path: Path) -> Info:
     from gguf import GGUFReader, LlamaFileType
 
