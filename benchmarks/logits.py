@@ -3,9 +3,9 @@
 A runner turns token ids into next-token logits. Each backend loads native code
 (llama.cpp, torch) that can crash or run out of memory, so evaluation runs the
 runner in a *child interpreter*: a segfault or an OOM kill becomes a one-line
-:class:`LLMOpsError` in the parent instead of a dead CLI. Logits go to a
-``.npy`` file in a temporary folder; the parent reads them back
-chunk by chunk.
+:class:`LLMOpsError` in the parent instead of a dead CLI. The child sends back
+per-token NLLs, and the scored logits through a ``.npy`` file in a temporary
+folder only when a KL-divergence comparison needs them.
 
 Chunking mirrors llama.cpp's ``llama-perplexity`` (its default, non-strided
 method), so our numbers are comparable with its output:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, TargetSpec
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec
 from llmops.converters.targets import parse_target, valid_targets
 from llmops.errors import LLMOpsError, NotAvailable
 
@@ -35,15 +35,12 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-class GGUFConverter:
-    """The GGUF implementation of the converter interface (``base.Converter``)."""
+class GGUFConverter(ConverterOptions):
+    """The GGUF implementation of the converter interface (``base.Converter``).
+
+    Conversion runs on the CPU whatever ``device`` says; the device applies to verification."""
 
     format = "gguf"
-
-    def __init__(self, *, allow_nonfinite: bool = False, threads: int | None = None, device: str = "cpu") -> None:
-        # GGUF conversion runs on the CPU whatever --device says; the device applies to verification.
-        self.allow_nonfinite = allow_nonfinite
-        self.threads = threads
 
     def convert(self, source: Any, target: TargetSpec, output: Path | None,
                 progress: Callable[[str], None]) -> ArtifactRecord:

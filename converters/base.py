@@ -48,3 +48,16 @@ class Converter(Protocol):
     format: str
 
     def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Progress) -> ArtifactRecord: ...
+
+
+class ConverterOptions:
+    """The options every converter takes from ``llmops convert``, held in one place.
+
+    ``device`` is where the converter computes (GPTQ's calibration, the ONNX builder's
+    execution provider); a converter that only runs on the CPU, as GGUF does, ignores it
+    and the device then applies to verification alone."""
+
+    def __init__(self, *, allow_nonfinite: bool = False, threads: int | None = None, device: str = "cpu") -> None:
+        self.allow_nonfinite = allow_nonfinite
+        self.threads = threads
+        self.device = device

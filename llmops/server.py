@@ -56,6 +56,19 @@ def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float
     raise LLMOpsError(f"the MLflow server did not answer at {url} within {timeout:.0f} s")
 
 
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds: a server that ignores the polite signal
+    must not outlive whoever started it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = False,  # noqa: ANN001
           serve_artifacts: bool = False, workers: int = 1) -> int:
     """MLflow's server on the store's database. With ``serve_artifacts`` it is the shared
@@ -92,9 +105,4 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(proc, timeout=10)

@@ -45,7 +45,7 @@ def _render(browser: str, url: str, profile: Path, screenshot: Path | None = Non
 
 def test_ui_shows_version_alias_tags_and_prompt(tmp_path: Path) -> None:
     browser = _chromium()
-    from llmops.server import port_free, wait_until_up
+    from llmops.server import port_free, stop, wait_until_up
 
     env = {**os.environ, "LLMOPS_STORE": str(tmp_path / "store")}
     for var in ("LLMOPS_DATABASE_URL", "MLFLOW_TRACKING_URI"):
@@ -81,9 +81,5 @@ def test_ui_shows_version_alias_tags_and_prompt(tmp_path: Path) -> None:
         prompt = _render(browser, f"{url}/#/prompts/browser-prompt", tmp_path / "profile", OUTPUT / "prompt.png")
         assert "Answer briefly: {{question}}" in prompt
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     assert (OUTPUT / "model-version.png").stat().st_size > 10_000

@@ -76,7 +76,7 @@ def test_usage_errors_are_one_line_and_exit_2(cli) -> None:
 
 def test_ui_serves_the_store_to_mlflows_client(tmp_path, tiny_models) -> None:
     """`llmops ui` starts MLflow's server on the store; MLflow's own client reads the model over HTTP."""
-    from llmops.server import port_free, wait_until_up
+    from llmops.server import port_free, stop, wait_until_up
 
     env = {**os.environ, "LLMOPS_STORE": str(tmp_path / "store")}
     env.pop("LLMOPS_DATABASE_URL", None)
@@ -101,12 +101,7 @@ def test_ui_serves_the_store_to_mlflows_client(tmp_path, tiny_models) -> None:
         with urllib.request.urlopen(url, timeout=10) as page:  # noqa: S310 - our own loopback server
             assert b"<html" in page.read(2000).lower()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert proc.returncode is not None
 
 

@@ -277,21 +277,29 @@ def test_transformers_loads_output_and_agrees_with_runner(converted: Callable[..
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
-def test_group_size_fallback_and_pickle_source(tmp_path: Path, calib: Path) -> None:
-    """A 192-wide model (192 % 128 != 0) from a weights-only .pth: group size 64 is chosen and recorded."""
+def _one_layer_llama(folder: Path, **shape: int) -> tuple[Any, Any]:
+    """(config, model) of a seeded one-layer Llama of the given widths, its tokenizer written to ``folder``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmops.converters.api import convert
     from llmops.tiny_models import build_tokenizer
 
-    src = tmp_path / "narrow"
-    src.mkdir()
-    build_tokenizer(src)
-    config = LlamaConfig(hidden_size=192, intermediate_size=384, num_hidden_layers=1, num_attention_heads=3,
-                         num_key_value_heads=1, head_dim=64, vocab_size=512, max_position_embeddings=256)
+    folder.mkdir()
+    build_tokenizer(folder)
+    config = LlamaConfig(num_hidden_layers=1, vocab_size=512, max_position_embeddings=256, **shape)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    return config, LlamaForCausalLM(config)
+
+
+def test_group_size_fallback_and_pickle_source(tmp_path: Path, calib: Path) -> None:
+    """A 192-wide model (192 % 128 != 0) from a weights-only .pth: group size 64 is chosen and recorded."""
+    import torch
+
+    from llmops.converters.api import convert
+
+    src = tmp_path / "narrow"
+    config, model = _one_layer_llama(src, hidden_size=192, intermediate_size=384, num_attention_heads=3,
+                                     num_key_value_heads=1, head_dim=64)
     config.save_pretrained(src)
     torch.save(model.state_dict(), src / "model.pth")
     lines: list[str] = []
@@ -303,17 +311,12 @@ def test_group_size_fallback_and_pickle_source(tmp_path: Path, calib: Path) -> N
 
 
 def test_no_valid_group_size_fails_before_writing(tmp_path: Path, calib: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmops.converters.api import convert
-    from llmops.tiny_models import build_tokenizer
 
     src = tmp_path / "odd"
-    src.mkdir()
-    build_tokenizer(src)
-    config = LlamaConfig(hidden_size=80, intermediate_size=160, num_hidden_layers=1, num_attention_heads=5,
-                         num_key_value_heads=5, head_dim=16, vocab_size=512, max_position_embeddings=256)
-    LlamaForCausalLM(config).save_pretrained(src)
+    _, model = _one_layer_llama(src, hidden_size=80, intermediate_size=160, num_attention_heads=5,
+                                num_key_value_heads=5, head_dim=16)
+    model.save_pretrained(src)
     with pytest.raises(LLMOpsError, match="no GPTQ group size") as exc:
         convert(src, "gptq-4bit", tmp_path / "out", verify=False, options=_opts(calib))
     assert "\n" not in str(exc.value)

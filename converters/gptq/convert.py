@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, TargetSpec
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec
 from llmops.converters.checkpoint import Checkpoint, open_checkpoint
 from llmops.converters.gptq.calibration import Calibration, build_calibration
 from llmops.converters.gptq.plan import LayerPlan, choose_group_size, plan_layers
@@ -417,7 +417,7 @@ def _run_worker(job: dict[str, Any], scratch: Path, say: Progress) -> dict[str, 
     raise LLMOpsError(f"GPTQ quantization {child_exit_reason(rc, list(tail))}")
 
 
-class GPTQConverter:
+class GPTQConverter(ConverterOptions):
     """The GPTQ implementation of the converter interface (``base.Converter``).
 
     ``bits_per_weight`` in the record is the *effective* rate of the quantized
@@ -427,11 +427,6 @@ class GPTQConverter:
     """
 
     format = "gptq"
-
-    def __init__(self, *, allow_nonfinite: bool = False, threads: int | None = None, device: str = "cpu") -> None:
-        self.allow_nonfinite = allow_nonfinite
-        self.threads = threads
-        self.device = device
 
     def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Progress) -> ArtifactRecord:
         from llmops.converters.api import tool_versions

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from llmops.converters.base import ArtifactRecord, TargetSpec
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec
 from llmops.converters.checkpoint import Checkpoint, open_checkpoint
 from llmops.converters.onnx.targets import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, TARGETS
 from llmops.errors import LLMOpsError, UsageError
@@ -565,7 +565,7 @@ def tool_versions() -> dict[str, str]:
     return out
 
 
-class OnnxConverter:
+class OnnxConverter(ConverterOptions):
     """The ONNX implementation of the converter interface (``base.Converter``).
 
     ``device`` picks the execution provider the graph is built for (cpu or cuda): the
@@ -573,11 +573,6 @@ class OnnxConverter:
     """
 
     format = "onnx"
-
-    def __init__(self, *, allow_nonfinite: bool = False, threads: int | None = None, device: str = "cpu") -> None:
-        self.allow_nonfinite = allow_nonfinite
-        self.threads = threads
-        self.device = device
 
     def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Progress) -> ArtifactRecord:
         from llmops.hashing import sha256_path, size_of
