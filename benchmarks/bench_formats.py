@@ -12,6 +12,9 @@ perplexity path against llama.cpp's own ``llama-perplexity`` on the same GGUF.
    source distribution's ``vendor/llama.cpp`` into the llmops cache; never part of the
    project), same context, chunks and threads; medians of ``--runs`` runs and their ratio.
 
+3. llama.cpp speed: each GGUF's prefill and decode rates from ``llmops bench`` beside llama.cpp's
+   own ``llama-bench`` (same build, flash attention on, decode measured after the prompt).
+
 Prints markdown tables (the README's results table comes from here) and, with ``--json``,
 the raw figures.
 """
@@ -37,12 +40,13 @@ from bench_convert import LLAMA_CPP_PYTHON  # noqa: E402
 DEFAULT_TARGETS = "gguf-f16,gguf-q8_0,gguf-q4,onnx,onnx-int4,gptq-4bit"
 
 
-def llama_perplexity_binary() -> Path:
-    """llama.cpp's perplexity tool, built from the same llama.cpp that llama-cpp-python wraps."""
+def llama_cpp_tool(name: str) -> Path:
+    """One of llama.cpp's own tools (llama-perplexity, llama-bench), built from the same llama.cpp
+    that llama-cpp-python wraps, so both sides of a comparison run the same kernels."""
     from llmops.fixtures import cache_dir
 
     root = cache_dir() / "reference" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-    binary = root / "build" / "bin" / "llama-perplexity"
+    binary = root / "build" / "bin" / name
     if binary.is_file():
         return binary
     dl = cache_dir() / "reference" / "sdist"
@@ -61,13 +65,26 @@ def llama_perplexity_binary() -> Path:
                     m.name = m.name[len(prefix):]
                     members.append(m)
             tf.extractall(src, members=members, filter="data")
-    print("building llama-perplexity (once; several minutes on 2 cores)", file=sys.stderr)
+    print(f"building {name} (once; several minutes on 2 cores)", file=sys.stderr)
     subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
                    check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-perplexity", "-j",
-                    str(os.cpu_count() or 2)], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(root / "build"), "--target", name, "-j", str(os.cpu_count() or 2)],
+                   check=True, capture_output=True)
     return binary
+
+
+def native_speed(binary: Path, gguf: Path, threads: int, runs: int, prompt: int, decode: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) from llama-bench: a ``prompt``-token prompt, and ``decode``
+    tokens generated after that prompt (``-d``), as ``llmops bench`` decodes after its prompt."""
+    out = []
+    for args in (["-p", str(prompt), "-n", "0"], ["-p", "0", "-n", str(decode), "-d", str(prompt)]):
+        p = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(runs), "-fa", "1",
+                            "-o", "json", *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"llama-bench failed: {p.stderr[-2000:]}")
+        out.append(float(json.loads(p.stdout)[0]["avg_ts"]))
+    return out[0], out[1]
 
 
 def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int, threads: int) -> tuple[float, float]:
@@ -154,7 +171,7 @@ def main() -> None:
 
         gguf = arts.get("gguf-q4")
         if gguf is not None and not args.no_native:
-            binary = llama_perplexity_binary()
+            binary = llama_cpp_tool("llama-perplexity")
             text_file = work / "eval.txt"
             text_file.write_text(evaluation_part(ev.text), encoding="utf-8")
             ntok, nat = [], []
@@ -173,6 +190,21 @@ def main() -> None:
             print(f"| llmops (llama-cpp-python, child process) | {t_ours:.2f} | {scored / t_ours:.0f} | "
                   f"{ntok[0][1]:.4f} |")
             print(f"\nthroughput ratio ours/native: {t_nat / t_ours:.2f}×")
+        ggufs = {t: a for t, a in arts.items() if t.startswith("gguf")}
+        if ggufs and not args.no_native:
+            lb = llama_cpp_tool("llama-bench")
+            print(f"\n### llama.cpp speed: llmops bench against llama-bench on the same files ({args.threads} threads, "
+                  f"512-token prompt, {args.decode_tokens} tokens decoded after it)\n")
+            print("| target | prefill tok/s llmops | llama-bench | ratio | decode tok/s llmops | llama-bench | ratio |")
+            print("|---|---|---|---|---|---|---|")
+            speeds = {}
+            for name, path in ggufs.items():
+                pp, tg = native_speed(lb, path, args.threads, args.runs, 512, args.decode_tokens)
+                r = rows[names.index(name)]
+                speeds[name] = {"native_prefill_tps": pp, "native_decode_tps": tg}
+                print(f"| {name} | {r['prefill_tps']:.0f} | {pp:.0f} | {r['prefill_tps'] / pp:.2f}× | "
+                      f"{r['decode_tps']:.1f} | {tg:.1f} | {r['decode_tps'] / tg:.2f}× |")
+            report["llama_bench"] = speeds
         if args.json:
             print(json.dumps(report, indent=2, default=str))
 
