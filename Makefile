@@ -35,10 +35,12 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
 # Conversion speed/memory against llama.cpp's tools, then every target through `llmops bench`
-# and the perplexity path against llama.cpp's llama-perplexity (built once into ~/.cache/llmops).
+# beside llama.cpp's llama-perplexity and llama-bench (built once into ~/.cache/llmops), then
+# GPTQ conversion against GPTQModel called directly.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_formats.py
+	$(BIN)/python benchmarks/bench_gptq.py
 
 ui: $(STAMP)
 	$(BIN)/llmops ui
