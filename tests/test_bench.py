@@ -109,6 +109,62 @@ def test_pareto_front() -> None:
     assert pareto_front([(100, 30.0), (200, 29.0), (300, 29.5), (500, 28.8)]) == [0, 1, 3]
 
 
+def test_scored_positions_equal_the_full_logits(tiny_gguf, tiny_models) -> None:
+    """Asking a runner for positions first..last-1 only (llama.cpp then skips the output projection
+    elsewhere, transformers through logits_to_keep) gives exactly those rows of the full logits."""
+    import numpy as np
+
+    from llmops.benchmarks.logits import LlamaCppRunner, TorchRunner
+
+    gg = LlamaCppRunner(str(tiny_gguf["f32"]), n_ctx=64, threads=2)
+    tokens = gg.tokenize("The quick brown fox jumps over the lazy dog. " * 8)[:48]
+    assert len(tokens) == 48
+    for runner, tol in ((gg, 1e-4), (TorchRunner(str(tiny_models("llama")), threads=2), 1e-5)):
+        full = runner.logits(tokens)
+        part = runner.logits(tokens, 24, 47)
+        assert part.shape == (23, runner.vocab_size) and full.shape == (48, runner.vocab_size)
+        np.testing.assert_allclose(part, full[24:47], rtol=0, atol=tol * float(np.abs(full).max()))
+
+
+def test_perplexity_without_a_baseline_equals_with_one(tiny_gguf, tiny_models, eval_text_path) -> None:
+    """Without a baseline the runner's process sends back only NLLs; with one, both models' logits
+    come back through files and the NLL is computed here: the same perplexity either way."""
+    from llmops.benchmarks.accuracy import evaluate
+
+    text = eval_text_path.read_text(encoding="utf-8")[:100_000]
+    alone = evaluate(tiny_gguf["q8_0"], text, chunks=2, n_ctx=128, threads=2)
+    compared = evaluate(tiny_gguf["q8_0"], text, source=tiny_models("llama"), chunks=2, n_ctx=128, threads=2)
+    assert alone["kld"] is None and compared["kld"] is not None
+    assert alone["tokens"] == compared["tokens"] == 2 * (128 - 64 - 1)
+    assert alone["ppl_output"] == pytest.approx(compared["ppl_output"], rel=1e-9)
+
+
+def test_decode_follows_the_greedy_token(tiny_gguf) -> None:
+    """The latency runner feeds back the argmax of the last position's logits, not a stale row."""
+    from llmops.benchmarks.latency import _LlamaCpp
+    from llmops.benchmarks.logits import RunnerSpec
+
+    lat = _LlamaCpp(RunnerSpec("llama.cpp", str(tiny_gguf["f32"]), threads=2), n_ctx=64)
+    prompt = lat.r.tokenize("Once upon a time, in a land far away, there lived")
+    lat.llm.reset()
+    lat.llm.eval(prompt.tolist())
+    got = lat._next()
+    want = int(lat.r.logits(prompt)[-1].argmax())
+    assert want != 0  # token 0 is what an unread (all-zero) row would give
+    assert got == want
+
+
+def test_runner_is_chosen_by_magic_not_name(tiny_gguf, tmp_path) -> None:
+    import shutil
+
+    from llmops.benchmarks.logits import backend_for
+
+    renamed = tmp_path / "weights.bin"
+    shutil.copyfile(tiny_gguf["q8_0"], renamed)
+    assert backend_for(renamed) == "llama.cpp"
+    assert backend_for(tiny_gguf["q8_0"]) == "llama.cpp"
+
+
 @pytest.mark.slow
 def test_smollm2_perplexity_agrees_between_llama_cpp_and_torch(tmp_path, eval_text_path) -> None:
     """F32 GGUF through llama.cpp and the fp32 checkpoint through torch: within 0.05 (28.80 here)."""

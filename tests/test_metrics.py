@@ -105,3 +105,12 @@ def test_peak_rss_sees_an_allocation() -> None:
             time.sleep(0.01)
         block.close()
     assert m.peak >= start + size // 2
+
+
+def test_token_nll_equals_the_log_softmax_of_the_target() -> None:
+    # token_nll takes only a row's log-sum-exp, in float32 exponentials summed in float64
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((64, 5000)) * 8).astype(np.float32)
+    targets = rng.integers(0, 5000, 64)
+    want = -log_softmax(logits)[np.arange(64), targets]
+    np.testing.assert_allclose(token_nll(logits, targets), want, rtol=1e-6)
