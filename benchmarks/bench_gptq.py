@@ -38,11 +38,12 @@ model.save(job["output"])
 """
 
 
-def _timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int]:
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int]:
     """(seconds, peak RSS in bytes) of one command. GNU time reports the largest resident set
     of the command and of the processes it waited for (GPTQModel runs in our child)."""
     t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], env=env, stdout=subprocess.DEVNULL,
+    # cwd: GPTQModel writes its ./logs folder wherever it runs
+    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
                        stderr=subprocess.PIPE, text=True)
     secs = time.perf_counter() - t0
     if p.returncode != 0:
@@ -76,11 +77,11 @@ def main() -> None:
             job.write_text(json.dumps({"source": str(src), "samples": calib.samples, "threads": args.threads,
                                        "group_size": args.group_size, "output": str(work / f"direct-{i}")}))
             print(f"run {i + 1}/{args.runs}: GPTQModel directly", file=sys.stderr)
-            direct.append(_timed([sys.executable, "-c", DIRECT, str(job)], env))
+            direct.append(_timed([sys.executable, "-c", DIRECT, str(job)], env, work))
             print(f"run {i + 1}/{args.runs}: llmops convert --to gptq-4bit", file=sys.stderr)
             ours.append(_timed([llmops, "convert", str(src), "--to", "gptq-4bit", "--group-size",
                                 str(args.group_size), "--threads", str(args.threads), "--no-verify",
-                                "-o", str(work / f"ours-{i}")], env))
+                                "-o", str(work / f"ours-{i}")], env, work))
     t_o, t_d = statistics.median(s for s, _ in ours), statistics.median(s for s, _ in direct)
     print(f"\n### GPTQ 4-bit g{args.group_size} on CPU (SmolLM2-135M, {len(calib.samples)}×"
           f"{calib.tokens_per_sample} calibration tokens, {args.threads} threads, median of {args.runs})\n")
