@@ -34,14 +34,9 @@ def _cpuinfo() -> tuple[str | None, set[str]]:
 
 
 def _ram_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from llmops.benchmarks.procfs import kib_field
+
+    return kib_field("/proc/meminfo", "MemTotal")
 
 
 def _gpu() -> dict[str, Any]:

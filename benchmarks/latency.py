@@ -8,26 +8,13 @@ then ``runs`` timed runs, reported as lists so the caller takes medians.
 
 from __future__ import annotations
 
-import resource
 import time
 from typing import Any
 
 import numpy as np
 
 from llmops.benchmarks.logits import RunnerSpec
-
-
-def _peak_rss() -> int:
-    """This process's own peak RSS. /proc's VmHWM belongs to the address space, which exec
-    replaces; getrusage's ru_maxrss on Linux carries the parent's peak across fork+exec."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from llmops.benchmarks.procfs import peak_rss
 
 
 class _LlamaCpp:
@@ -142,7 +129,7 @@ def measure(spec: RunnerSpec, job: dict[str, Any]) -> dict[str, Any]:
     prompt = [int(t) for t in np.load(job["prompt"])]
     n_new = int(job.get("decode_tokens", 128))
     runs = int(job.get("runs", 3))
-    rss0 = _peak_rss()
+    rss0 = peak_rss()
     t0 = time.perf_counter()
     runner = BACKENDS[spec.backend](spec, n_ctx=len(prompt) + n_new + 8)
     load_s = time.perf_counter() - t0
@@ -157,7 +144,7 @@ def measure(spec: RunnerSpec, job: dict[str, Any]) -> dict[str, Any]:
             decode.append((n - 1) / t_rest if t_rest > 0 and n > 1 else float("nan"))
         result.update(ttft_ms=ttft, prefill_tps=prefill, decode_tps=decode, prompt_tokens=len(prompt),
                       decode_tokens=n_new, runs=runs)
-    result["peak_rss_bytes"] = _peak_rss()
+    result["peak_rss_bytes"] = peak_rss()
     if spec.device == "cuda":
         try:
             import torch

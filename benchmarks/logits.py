@@ -338,11 +338,9 @@ def _cap_memory(backend: str) -> None:
 
     for mod in _RUNTIME_MODULES.get(backend, ()):
         importlib.import_module(mod)
-    used = 0
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmData:"):
-                used = int(line.split()[1]) * 1024
+    from llmops.benchmarks.procfs import kib_field
+
+    used = kib_field("/proc/self/status", "VmData") or 0
     cap = used + int(float(limit) * 1024 * 1024)
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
 

@@ -33,12 +33,6 @@ def say(message: str) -> None:
         pass
 
 
-def _peak_rss() -> int | None:
-    from llmops.benchmarks.latency import _peak_rss as peak
-
-    return peak()
-
-
 def run(job: dict[str, Any]) -> dict[str, Any]:
     from llmops.converters.gptq.runtime import LayerProgress, contained_run, import_gptqmodel
 
@@ -93,7 +87,9 @@ def main(job_file: str) -> int:
     except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
         traceback.print_exc(file=sys.stderr)
         reply = {"ok": False, "error": traceback.format_exception_only(type(e), e)[-1].strip()}
-    reply["peak_rss_bytes"] = _peak_rss()
+    from llmops.benchmarks.procfs import peak_rss
+
+    reply["peak_rss_bytes"] = peak_rss()
     tmp = Path(job["reply"] + ".tmp")
     tmp.write_text(json.dumps(reply))
     os.replace(tmp, job["reply"])
