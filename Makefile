@@ -1,6 +1,7 @@
 # One command sets up and runs each job on a fresh machine:
 #   make demo   build the SmolLM2 fixture, convert it to gguf-q4, register both, print how to open the UI
-#   make test   the default test suite (SQLite and PostgreSQL registry tests, tiny models)
+#   make test   the default test suite (SQLite and PostgreSQL registry tests, tiny models), then the
+#               fidelity checks against llama.cpp on the real SmolLM2 model
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ SHARED_EVAL := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
 export LLMOPS_EVAL_TEXT ?= $(if $(wildcard $(SHARED_EVAL)),$(SHARED_EVAL),)
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install demo test test-slow bench ui clean
+.PHONY: install demo test test-fidelity test-slow bench ui clean
 
 install: $(STAMP)
 
@@ -26,10 +27,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@bash scripts/demo.sh
 
+# The default suite, then the fidelity subset of the slow tests (byte identity with llama.cpp's
+# converter and quantizer, tokenizer identity on wikitext-2, the reference perplexities).
 test: $(STAMP)
 	@bash scripts/install-browser.sh
 	@bash scripts/install-postgres.sh
 	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m fidelity
+
+test-fidelity: $(STAMP)
+	$(BIN)/pytest -q -m fidelity
 
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
@@ -38,9 +45,9 @@ test-slow: $(STAMP)
 # beside llama.cpp's llama-perplexity and llama-bench (built once into ~/.cache/llmops), then
 # GPTQ conversion against GPTQModel called directly.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_convert.py
-	$(BIN)/python benchmarks/bench_formats.py
-	$(BIN)/python benchmarks/bench_gptq.py
+	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_formats.py
+	$(BIN)/python bench/bench_gptq.py
 
 ui: $(STAMP)
 	$(BIN)/llmops ui

@@ -3,32 +3,35 @@
 One implementation shared by every converter's ``--verify`` (a few chunks) and
 ``llmops bench`` (more chunks), for every backend: tokens come from the
 artifact's own tokenizer (llama.cpp's for a GGUF, the Hugging Face tokenizer
-otherwise), the same windows are fed to both models (see ``logits.py`` for the
+otherwise), the same windows are fed to both models (see ``windows.py`` for the
 llama.cpp-compatible windowing), and the metrics are streamed chunk by chunk.
 Without a source only per-token NLLs leave the runner's process; with one, both
-models' scored logits go through ``.npy`` files for the KL-divergence.
+models' scored logits go through ``.npy`` files for the KL-divergence. Those working files go to
+a scratch folder in the llmops cache (``llmops.core.settings.scratch``), never to a RAM-backed
+``/tmp``, and are removed after each evaluation. The source's logits can be kept in a
+size-capped cache (least recently used entries go first) so that benchmarking several
+artifacts against one baseline computes them once.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.logits import (
-    RunnerSpec,
-    Windows,
-    backend_for,
-    make_runner,
-    make_windows,
-    run_in_child,
-    score_windows,
-)
+from llmops.benchmarks.jobs import run_in_child, score_windows
+from llmops.benchmarks.runners import RunnerSpec, backend_for, make_runner
+from llmops.benchmarks.windows import Windows, make_windows
 from llmops.benchmarks.metrics import StreamingAccuracy
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
+from llmops.core.settings import LOGITS_CACHE_ENV, logits_cache_limit_bytes, scratch
+
+MIB = 1024 * 1024
 
 
 def tokenize_with(spec: RunnerSpec, text: str, *, in_process: bool = False,
@@ -37,13 +40,20 @@ def tokenize_with(spec: RunnerSpec, text: str, *, in_process: bool = False,
     if in_process:
         r = make_runner(spec, vocab_only=True)
         return r.tokenize(text), r.add_bos, r.bos_id
+    if workdir is None:
+        with scratch("llmops-tokenize-") as d:
+            return _tokenize_in_child(spec, text, d)
     with tempfile.TemporaryDirectory(dir=workdir) as d:
-        out = Path(d) / "tokens.npy"
-        text_file = Path(d) / "text.txt"
-        text_file.write_text(text, encoding="utf-8")
-        msg = run_in_child({"kind": "tokenize", "spec": spec.__dict__, "text_file": str(text_file),
-                            "out": str(out)}, f"{spec.backend} tokenizer", d)
-        return np.load(out), bool(msg["add_bos"]), int(msg["bos_id"])
+        return _tokenize_in_child(spec, text, Path(d))
+
+
+def _tokenize_in_child(spec: RunnerSpec, text: str, d: Path) -> tuple[np.ndarray, bool, int]:
+    out = d / "tokens.npy"
+    text_file = d / "text.txt"
+    text_file.write_text(text, encoding="utf-8")
+    msg = run_in_child({"kind": "tokenize", "spec": spec.__dict__, "text_file": str(text_file),
+                        "out": str(out)}, f"{spec.backend} tokenizer", d)
+    return np.load(out), bool(msg["add_bos"]), int(msg["bos_id"])
 
 
 def tokenize_with_gguf(gguf_path: str | Path, text: str, *, n_ctx: int = 512, in_process: bool = False,
@@ -92,16 +102,18 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of ``artifact`` on ``text``; with ``source`` also KLD/top-1 against the source model.
 
-    Returns ``{"kld", "kld_p99", "top1_agreement", "ppl_source", "ppl_output", "tokens", "chunks", "n_ctx"}``.
+    Returns ``{"kld", "kld_p99", "top1_agreement", "ppl_source", "ppl_output", "tokens", "chunks", "n_ctx"}``,
+    plus ``"source_cache"`` (``{"dir", "entry", "hit", "limit_mb"}``) when ``source_cache`` names the
+    folder of the source-logits cache, capped by ``LLMOPS_LOGITS_CACHE_MB`` (0: no caching).
     """
-    from llmops.evaltext import evaluation_part
+    from llmops.core.evaltext import evaluation_part
 
     say = progress or (lambda _m: None)
     backend = backend or backend_for(artifact)
     text = evaluation_part(text)  # the calibration part is never scored
     spec = RunnerSpec(backend, str(Path(artifact).resolve()), n_ctx, threads, device)
-    with tempfile.TemporaryDirectory(prefix="llmops-eval-") as dname:
-        d = Path(dname)
+    cache_info: dict[str, Any] | None = None
+    with scratch("llmops-eval-") as d:
         say(f"tokenizing the eval text with the artifact's tokenizer ({backend})")
         tokens, add_bos, bos_id = tokenize_with(spec, text, in_process=in_process, workdir=d)
         win = make_windows(tokens, n_ctx, chunks, add_bos, bos_id)
@@ -111,15 +123,24 @@ def evaluate(
         if source is not None:
             sb = source_backend or backend_for(source)
             src_spec = RunnerSpec(sb, str(Path(source).resolve()), n_ctx, threads, device)
-            cached = _cache_file(source_cache, source, win) if source_cache is not None else None
-            if cached is not None and cached.is_file():
-                say(f"source logits from cache ({cached.name})")
-                src_logits = np.load(cached, mmap_mode="r")
+            cached = None
+            if source_cache is not None:
+                limit = logits_cache_limit_bytes()
+                cache_info = {"dir": str(Path(source_cache).resolve()), "entry": None, "hit": False,
+                              "limit_mb": limit / MIB}
+                if limit > 0:
+                    cached = _cache_file(source_cache, source, win)
+                else:
+                    say(f"source logits cache disabled ({LOGITS_CACHE_ENV}=0)")
+            src_logits = _cache_hit(cached) if cached is not None else None
+            if src_logits is not None:
+                say(f"source logits from cache ({cached})")
+                cache_info.update(entry=str(cached), hit=True)
             else:
                 say(f"evaluating the same chunks with the source model ({source}) in {sb}")
                 src_logits, _ = _score(src_spec, win, d, "source", in_process, keep_logits=True)
-                if cached is not None:
-                    _store(cached, d / "source.npy")
+                if cached is not None and _store(cached, d / "source.npy", limit, say):
+                    cache_info["entry"] = str(cached)
             assert out_logits is not None
             if src_logits.shape[-1] != out_logits.shape[-1]:
                 raise LLMOpsError(f"vocabulary sizes differ: source {src_logits.shape[-1]}, "
@@ -134,6 +155,8 @@ def evaluate(
         del out_logits, src_logits
     res = acc.result()
     res.update(chunks=win.n_chunk, n_ctx=n_ctx)
+    if cache_info is not None:
+        res["source_cache"] = cache_info
     return res
 
 
@@ -141,7 +164,7 @@ def _cache_file(cache_dir: Path, source: str | Path, win: Windows) -> Path:
     """Source logits depend on the source's bytes and the exact windows fed to it, nothing else."""
     import hashlib
 
-    from llmops.hashing import sha256_path
+    from llmops.core.hashing import sha256_path
 
     key = hashlib.sha256()
     key.update(sha256_path(source).encode())
@@ -150,17 +173,78 @@ def _cache_file(cache_dir: Path, source: str | Path, win: Windows) -> Path:
     return Path(cache_dir) / f"logits-{key.hexdigest()[:32]}.npy"
 
 
-def _store(cached: Path, produced: Path) -> None:
-    import os
-    import shutil
+# A temporary file of the cache this old belongs to a process that died while writing it.
+_STALE_TMP_S = 3600.0
 
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+
+def _cache_hit(cached: Path) -> np.ndarray | None:
+    """The cached logits, memory-mapped, or None; a hit counts as a use for eviction."""
     try:
-        shutil.copyfile(produced, tmp)
+        logits = np.load(cached, mmap_mode="r")
+    except (FileNotFoundError, ValueError, OSError):  # absent, evicted meanwhile, or truncated
+        return None
+    try:
+        os.utime(cached)  # least recently used goes first: a hit moves the entry to the back
+    except OSError:
+        pass
+    return logits
+
+
+def _cache_usage(folder: Path) -> list[tuple[float, int, Path]]:
+    """(last use, size, path) of every entry of the cache, least recently used first."""
+    entries = []
+    for p in folder.glob("logits-*"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        if p.suffix == ".npy" or time.time() - st.st_mtime > _STALE_TMP_S:
+            entries.append((st.st_mtime, st.st_size, p))
+    return sorted(entries)
+
+
+def _evict(folder: Path, budget: int, keep: Path | None = None) -> int:
+    """Remove least recently used entries until the cache holds at most ``budget`` bytes;
+    returns what it holds afterwards."""
+    entries = [e for e in _cache_usage(folder) if e[2] != keep]
+    total = sum(size for _, size, _ in entries)
+    for _, size, p in entries:
+        if total <= budget:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
+    return total
+
+
+def _store(cached: Path, produced: Path, limit: int, say: Callable[[str], None]) -> bool:
+    """Put ``produced`` into the cache as ``cached`` within ``limit`` bytes, evicting least
+    recently used entries first. False when it is not cached (too large, or a disk error:
+    the cache is an optimisation, never a reason for an evaluation to fail)."""
+    size = produced.stat().st_size
+    if size > limit:
+        say(f"source logits not cached: {size / MIB:.0f} MiB is more than the cache's cap of "
+            f"{limit / MIB:.0f} MiB ({LOGITS_CACHE_ENV})")
+        return False
+    folder = cached.parent
+    tmp = cached.with_name(f"{cached.stem}.tmp{os.getpid()}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        held = _evict(folder, limit - size, keep=cached)
+        try:
+            os.link(produced, tmp)  # the scratch folder is in the same cache: no copy
+        except OSError:
+            import shutil
+
+            shutil.copyfile(produced, tmp)
         os.replace(tmp, cached)
+    except OSError as exc:
+        say(f"source logits not cached in {folder}: {exc}")
+        return False
     finally:
         tmp.unlink(missing_ok=True)
+    say(f"source logits cached at {cached} ({size / MIB:.0f} MiB; the cache holds {(held + size) / MIB:.0f} "
+        f"of at most {limit / MIB:.0f} MiB, set {LOGITS_CACHE_ENV} to change, 0 to disable)")
+    return True
 
 
 def evaluate_gguf(gguf_path: str | Path, text: str, **kwargs: Any) -> dict[str, Any]:

@@ -1,15 +1,15 @@
 """``llmops bench``: memory, latency and accuracy of one artifact, whatever its format.
 
-The runner for each format runs in a child process (see ``logits.py``), so a
+The runner for each format runs in a child process (see ``jobs.py``), so a
 native crash or an out-of-memory kill is a one-line error naming the artifact.
 Accuracy is the same evaluation ``convert --verify`` uses; latency and memory
-come from ``latency.py``. Speeds are medians of several runs after a warm-up.
+come from ``latency.py``. Speeds are medians of several runs after a warm-up. Working files
+(the prompt's token ids) go to the scratch folder in the llmops cache, not to ``/tmp``.
 """
 
 from __future__ import annotations
 
 import statistics
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.logits import RunnerSpec, backend_for, run_in_child
+from llmops.benchmarks.runners import RunnerSpec, backend_for
+
+from llmops.benchmarks.jobs import run_in_child
+from llmops.core.settings import scratch
 
 MIB = 1024 * 1024
 METRICS = ("memory", "latency", "accuracy")
@@ -38,7 +41,7 @@ class BenchOptions:
     runs: int = 3
     prompt_tokens: int = 512
     decode_tokens: int = 128
-    cache_dir: Path | None = None
+    cache_dir: Path | None = None  # the baseline-logits cache (capped by LLMOPS_LOGITS_CACHE_MB); None: no caching
 
 
 def _median(values: list[float]) -> float:
@@ -48,9 +51,9 @@ def _median(values: list[float]) -> float:
 
 def bench_artifact(path: str | Path, opts: BenchOptions, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """All requested metrics of one artifact, as ``{"metrics": {name: value}, "details": {...}}``."""
-    from llmops.artifact_info import describe
+    from llmops.core.artifact_info import describe
     from llmops.benchmarks.accuracy import evaluate, tokenize_with
-    from llmops.hashing import size_of
+    from llmops.core.hashing import size_of
 
     say = progress or (lambda _m: None)
     path = Path(path).resolve()
@@ -63,12 +66,12 @@ def bench_artifact(path: str | Path, opts: BenchOptions, progress: Callable[[str
                                "threads": opts.threads}
     spec = RunnerSpec(backend, str(path), opts.ctx, opts.threads, opts.device)
     if opts.metrics & {"memory", "latency"}:
-        with tempfile.TemporaryDirectory(prefix="llmops-bench-") as d:
-            prompt_file = Path(d) / "prompt.npy"
+        with scratch("llmops-bench-") as d:
+            prompt_file = d / "prompt.npy"
             if "latency" in opts.metrics:
                 if not opts.text:
                     raise ValueError("latency needs a prompt text")
-                tokens, _, _ = tokenize_with(spec, opts.text[: opts.prompt_tokens * 12], workdir=Path(d))
+                tokens, _, _ = tokenize_with(spec, opts.text[: opts.prompt_tokens * 12], workdir=d)
                 np.save(prompt_file, tokens[: opts.prompt_tokens])
             else:
                 np.save(prompt_file, np.zeros(1, dtype=np.int32))
@@ -96,6 +99,8 @@ def bench_artifact(path: str | Path, opts: BenchOptions, progress: Callable[[str
             metrics.update(kld=res["kld"], top1=res["top1_agreement"], kld_p99=res["kld_p99"],
                            ppl_baseline=res["ppl_source"])
         details.update(chunks=res["chunks"], ctx=res["n_ctx"], scored_tokens=res["tokens"])
+        if res.get("source_cache") is not None:
+            details["baseline_logits_cache"] = res["source_cache"]
     return {"metrics": metrics, "details": details}
 
 

@@ -17,24 +17,8 @@ ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx
              "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "sve2", "i8mm", "bf16")
 
 
-def _cpuinfo() -> tuple[str | None, set[str]]:
-    model, flags = None, set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "hardware", "cpu model") and model is None:
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine(), flags
-
-
 def _ram_bytes() -> int | None:
-    from llmops.benchmarks.procfs import kib_field
+    from llmops.core.procfs import kib_field
 
     return kib_field("/proc/meminfo", "MemTotal")
 
@@ -61,7 +45,9 @@ def _gpu() -> dict[str, Any]:
 
 def profile(threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
     """This machine's profile; ``cores`` is what the run may use (affinity, or --threads)."""
-    model, flags = _cpuinfo()
+    from llmops.core.procfs import cpu_info
+
+    model, flags = cpu_info()
     try:
         available = len(os.sched_getaffinity(0))
     except AttributeError:

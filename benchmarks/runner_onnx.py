@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.logits import HFTokenizerMixin
-from llmops.errors import LLMOpsError
+from llmops.benchmarks.runners import HFTokenizerMixin
+from llmops.core.errors import LLMOpsError
 
 _ORT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,

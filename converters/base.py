@@ -1,16 +1,20 @@
 """The one converter interface.
 
-A converter takes a loaded source checkpoint and a target spec, writes its
-output atomically (temporary name, renamed at the end, removed on any error or
-Ctrl-C) and returns an ``ArtifactRecord`` the CLI reports and the registry stores.
+A converter takes a loaded source checkpoint and a target spec, writes its output
+under a temporary name (``llmops.core.atomic``: removed on any error or Ctrl-C) and
+returns an ``ArtifactRecord`` of the *staged* output, which the caller commits (renames
+into place) once it is satisfied, e.g. after verification, or discards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from llmops.core.atomic import Staged
 
 Progress = Callable[[str], None]
 
@@ -37,9 +41,24 @@ class ArtifactRecord:
     verification: dict[str, float] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     tool_versions: dict[str, str] = field(default_factory=dict)
+    staged: Staged | None = field(default=None, repr=False, compare=False)
+
+    def commit(self) -> Path:
+        """Rename the staged output into place; ``output`` becomes its final path."""
+        if self.staged is not None:
+            self.output = self.staged.commit()
+            self.staged = None
+        return self.output
+
+    def discard(self) -> None:
+        """Remove the staged output; whatever was at the destination before stays."""
+        if self.staged is not None:
+            self.staged.discard()
+            self.staged = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("staged", None)
         d["output"] = str(self.output)
         return d
 
@@ -61,3 +80,24 @@ class ConverterOptions:
         self.allow_nonfinite = allow_nonfinite
         self.threads = threads
         self.device = device
+
+
+def bits_per_weight(stored_tensor_bytes: int, parameter_count: int) -> float | None:
+    """The one definition for every format: the bytes of **all** stored tensors (quantized
+    weights with their scales, zero points and group indices, and whatever stays in floating
+    point: embeddings, norms, an untied output head) times 8, over the source checkpoint's
+    parameter count. Comparable across GGUF, GPTQ and ONNX, and honest for mixed precision."""
+    if not parameter_count:
+        return None
+    return round(stored_tensor_bytes * 8 / parameter_count, 4)
+
+
+@contextlib.contextmanager
+def discard_on_error(staged: Staged | None) -> Iterator[None]:
+    """Remove a staged output if describing it fails (or is interrupted)."""
+    try:
+        yield
+    except BaseException:
+        if staged is not None:
+            staged.discard()
+        raise

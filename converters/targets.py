@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmops.converters.base import TargetSpec
-from llmops.errors import NotAvailable, UsageError
+from llmops.core.errors import NotAvailable, UsageError
 
 # parser(str) -> TargetSpec | None, and the names it accepts (for error messages and --help)
 _PARSERS: list[tuple[Callable[[str], TargetSpec | None], list[str]]] = []

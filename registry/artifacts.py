@@ -13,8 +13,8 @@ from urllib.parse import unquote, urlparse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from llmops.errors import LLMOpsError
-from llmops.hashing import sha256_path, size_of
+from llmops.core.errors import LLMOpsError
+from llmops.core.hashing import sha256_path, size_of
 from llmops.registry.tables import Artifact
 
 

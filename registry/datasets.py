@@ -15,8 +15,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from llmops.errors import LLMOpsError, UsageError
-from llmops.hashing import sha256_path, size_of
+from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.hashing import sha256_path, size_of
 from llmops.registry import artifacts
 from llmops.registry.refs import Ref, parse_ref, validate_name
 from llmops.registry.store import Store, actor

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from llmops.errors import LLMOpsError, UsageError
+from llmops.core.errors import LLMOpsError, UsageError
 from llmops.registry import results
 from llmops.registry.gates import Gate, GateResult, evaluate
 from llmops.registry.locks import named_lock

@@ -12,8 +12,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from llmops.errors import LLMOpsError, UsageError
-from llmops.hashing import sha256_text
+from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.hashing import sha256_text
 from llmops.registry import artifacts
 from llmops.registry.refs import Ref, parse_ref, validate_name
 from llmops.registry.store import Store, actor

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from llmops.errors import UsageError
+from llmops.core.errors import UsageError
 
 KINDS = {"models": "model", "prompts": "prompt", "datasets": "dataset"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -13,14 +13,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from llmops.config import EXPERIMENT, Settings, redact, resolve
-from llmops.errors import LLMOpsError
+from llmops.core.settings import EXPERIMENT, Settings, redact, resolve
+from llmops.core.errors import LLMOpsError
 from llmops.registry import db
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from llmops.errors import LLMOpsError, UsageError
-from llmops.hashing import sha256_path, size_of
+from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.hashing import sha256_path, size_of
 from llmops.registry import artifacts
 from llmops.registry.refs import Ref, is_ref, parse_ref, validate_name
 from llmops.registry.locks import named_lock

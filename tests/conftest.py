@@ -39,7 +39,7 @@ class StoreEnv:
     db_url: str
 
     def store(self):  # noqa: ANN201
-        from llmops.config import resolve
+        from llmops.core.settings import resolve
         from llmops.registry.store import Store
 
         return Store(resolve(self.store_dir))
@@ -114,7 +114,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
     """Run ``llmops ARGS`` in this process (mlflow imported once for the whole session)."""
-    from llmops.cli import main
+    from llmops.app.cli import main
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()
@@ -128,7 +128,7 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """Tiny random models, built once per session per architecture."""
-    from llmops.tiny_models import tiny_model
+    from llmops.app.tiny_models import tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     built: dict[str, Path] = {}

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, tiny_models) -> dict[str, Path]:
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     out = tmp_path_factory.mktemp("gguf")
     src = tiny_models("llama")
@@ -75,7 +75,7 @@ def test_a_crashing_runner_is_one_line_and_nonzero(cli, tmp_path, tiny_gguf, mon
     load or crashes outright; either way the CLI survives and names the artifact in one line."""
     import os
 
-    from llmops.benchmarks.logits import MAX_MEMORY_ENV
+    from llmops.benchmarks.jobs import MAX_MEMORY_ENV
 
     r = cli("bench", tiny_gguf["f32"], "--no-record", "--metrics", "memory", "--max-memory", "2")
     assert MAX_MEMORY_ENV not in os.environ  # the cap applied to that run's runners only
@@ -114,7 +114,9 @@ def test_scored_positions_equal_the_full_logits(tiny_gguf, tiny_models) -> None:
     elsewhere, transformers through logits_to_keep) gives exactly those rows of the full logits."""
     import numpy as np
 
-    from llmops.benchmarks.logits import LlamaCppRunner, TorchRunner
+    from llmops.benchmarks.runner_llamacpp import LlamaCppRunner
+
+    from llmops.benchmarks.runner_torch import TorchRunner
 
     gg = LlamaCppRunner(str(tiny_gguf["f32"]), n_ctx=64, threads=2)
     tokens = gg.tokenize("The quick brown fox jumps over the lazy dog. " * 8)[:48]
@@ -142,7 +144,7 @@ def test_perplexity_without_a_baseline_equals_with_one(tiny_gguf, tiny_models, e
 def test_decode_follows_the_greedy_token(tiny_gguf) -> None:
     """The latency runner feeds back the argmax of the last position's logits, not a stale row."""
     from llmops.benchmarks.latency import _LlamaCpp
-    from llmops.benchmarks.logits import RunnerSpec
+    from llmops.benchmarks.runners import RunnerSpec
 
     lat = _LlamaCpp(RunnerSpec("llama.cpp", str(tiny_gguf["f32"]), threads=2), n_ctx=64)
     prompt = lat.r.tokenize("Once upon a time, in a land far away, there lived")
@@ -157,7 +159,7 @@ def test_decode_follows_the_greedy_token(tiny_gguf) -> None:
 def test_runner_is_chosen_by_magic_not_name(tiny_gguf, tmp_path) -> None:
     import shutil
 
-    from llmops.benchmarks.logits import backend_for
+    from llmops.benchmarks.runners import backend_for
 
     renamed = tmp_path / "weights.bin"
     shutil.copyfile(tiny_gguf["q8_0"], renamed)
@@ -169,9 +171,9 @@ def test_runner_is_chosen_by_magic_not_name(tiny_gguf, tmp_path) -> None:
 def test_smollm2_perplexity_agrees_between_llama_cpp_and_torch(tmp_path, eval_text_path) -> None:
     """F32 GGUF through llama.cpp and the fp32 checkpoint through torch: within 0.05 (28.80 here)."""
     from llmops.benchmarks.accuracy import evaluate
-    from llmops.converters.api import convert
-    from llmops.evaltext import load_eval_text
-    from llmops.fixtures import smollm2_checkpoint
+    from llmops.app.converting import convert
+    from llmops.core.evaltext import load_eval_text
+    from llmops.app.fixtures import smollm2_checkpoint
 
     src = smollm2_checkpoint()
     text = load_eval_text(eval_text_path).text

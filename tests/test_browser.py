@@ -45,7 +45,7 @@ def _render(browser: str, url: str, profile: Path, screenshot: Path | None = Non
 
 def test_ui_shows_version_alias_tags_and_prompt(tmp_path: Path) -> None:
     browser = _chromium()
-    from llmops.server import port_free, stop, wait_until_up
+    from llmops.app.server import port_free, stop, wait_until_up
 
     env = {**os.environ, "LLMOPS_STORE": str(tmp_path / "store")}
     for var in ("LLMOPS_DATABASE_URL", "MLFLOW_TRACKING_URI"):

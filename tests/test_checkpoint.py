@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmops.converters.api import convert
-from llmops.converters.checkpoint import open_checkpoint, validate_config
-from llmops.errors import LLMOpsError
+from llmops.app.converting import convert
+from llmops.core.checkpoint import open_checkpoint, validate_config
+from llmops.core.errors import LLMOpsError
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from llmops.tiny_models import tiny_model
+    from llmops.app.tiny_models import tiny_model
 
     return tiny_model("llama", tmp_path_factory.mktemp("ckpt") / "tiny-llama")
 

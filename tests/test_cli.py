@@ -26,7 +26,7 @@ def test_help_imports_nothing_heavy() -> None:
     """Every --help runs without importing torch, transformers, mlflow or the SQL stack."""
     code = (
         "import sys\n"
-        "from llmops.cli import main\n"
+        "from llmops.app.cli import main\n"
         f"for args in {COMMANDS!r}:\n"
         "    assert main([*args, '--help']) == 0, args\n"
         "assert main(['--help']) == 0\n"
@@ -76,7 +76,7 @@ def test_usage_errors_are_one_line_and_exit_2(cli) -> None:
 
 def test_ui_serves_the_store_to_mlflows_client(tmp_path, tiny_models) -> None:
     """`llmops ui` starts MLflow's server on the store; MLflow's own client reads the model over HTTP."""
-    from llmops.server import port_free, stop, wait_until_up
+    from llmops.app.server import port_free, stop, wait_until_up
 
     env = {**os.environ, "LLMOPS_STORE": str(tmp_path / "store")}
     env.pop("LLMOPS_DATABASE_URL", None)
@@ -136,9 +136,47 @@ def test_wheel_ships_the_migrations(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": str(target), "LLMOPS_STORE": str(tmp_path / "store")}
     env.pop("LLMOPS_DATABASE_URL", None)
     code = ("import sys; from llmops.registry.db import migrations_dir; print(migrations_dir());"
-            "from llmops.cli import main; sys.exit(main(['--json', 'db', 'upgrade']))")
+            "from llmops.app.cli import main; sys.exit(main(['--json', 'db', 'upgrade']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     first, rest = r.stdout.split("\n", 1)
     assert first.startswith(str(target))
     assert json.loads(rest)["revision"] == "0001"
+
+
+def _cells(text: str) -> list[dict[str, str]]:
+    """The rows of a printed table as {header: cell} (cells are separated by two or more spaces)."""
+    import re
+
+    lines = text.splitlines()
+    headers = re.split(r"\s{2,}", lines[0].strip())
+    return [dict(zip(headers, re.split(r"\s{2,}", ln.strip()), strict=True)) for ln in lines[2:]]
+
+
+def test_missing_metrics_print_as_na_never_as_perfect_scores() -> None:
+    from llmops.app.cli.convert_cmds import _bench_table, _render_convert
+
+    measured = {"artifact": "q4.gguf", "format": "gguf", "quant": "Q4_K_M", "file_mb": 100.0, "bits_per_weight": 4.9,
+                "ppl": 30.0, "ppl_baseline": 24.0, "kld": 0.125, "top1": 0.75, "prefill_tps": 200.0,
+                "decode_tps": 20.0, "ttft_ms": 40.0, "peak_rss_mb": 300.0}
+    missing = {"artifact": "bare.gguf", "format": None, "quant": None, "file_mb": 1.0, "bits_per_weight": None,
+               "ppl": float("nan"), "ppl_baseline": 24.0, "kld": None, "top1": float("nan")}
+    no_baseline = {"artifact": "alone.gguf", "format": "gguf", "quant": "Q8_0", "file_mb": 2.0, "ppl": 25.0,
+                   "ppl_baseline": None}
+    got, gone, alone = _cells(_bench_table([measured, missing, no_baseline]))
+    assert got["dPPL%"] == "+25.00"  # 30 / 24 - 1
+    assert (got["KLD"], got["TOP1"], got["BPW"]) == ("0.12500", "0.7500", "4.90")
+    for col in ("FORMAT", "QUANT", "BPW", "PPL", "dPPL%", "KLD", "TOP1", "PREFILL t/s", "DECODE t/s", "TTFT ms",
+                "RSS MiB"):
+        assert gone[col] == "n/a", (col, gone)
+    assert alone["PPL"] == "25.000" and alone["dPPL%"] == "n/a" and alone["KLD"] == "n/a"
+
+    # bench compare: dPPL% against the first REF only, never against a row's own recorded baseline
+    first, other = _cells(_bench_table([{"label": "a/1", "ppl": 20.0, "dppl_pct": 0.0},
+                                        {"label": "b/1", "ppl": 30.0, "ppl_baseline": 24.0}], against_first=True))
+    assert first["dPPL%"] == "+0.00" and other["dPPL%"] == "n/a"
+
+    text = _render_convert({"output": "m.gguf", "format": "gguf", "quant": "Q8_0", "size_bytes": 2e6, "seconds": 1.0,
+                            "verification": {"kld": None, "top1_agreement": None, "ppl_source": 24.0,
+                                             "ppl_output": float("nan")}, "registered": None})
+    assert text.splitlines()[1] == "verify: KLD n/a, top-1 n/a, PPL 24.000 -> n/a"

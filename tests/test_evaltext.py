@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmops import evaltext
-from llmops.errors import LLMOpsError
-from llmops.evaltext import WIKITEXT2_BYTES, WIKITEXT2_SHA256, load_eval_text
+from llmops.core import evaltext
+from llmops.core.errors import LLMOpsError
+from llmops.core.evaltext import WIKITEXT2_BYTES, WIKITEXT2_SHA256, load_eval_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llmops import fixtures
-from llmops.errors import LLMOpsError
+from llmops.app import fixtures
+from llmops.core.errors import LLMOpsError
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -151,7 +151,7 @@ def checkpoint() -> Path:
 
 
 def _eval_text() -> str:
-    from llmops.evaltext import load_eval_text
+    from llmops.core.evaltext import load_eval_text
 
     explicit = None if os.environ.get("LLMOPS_EVAL_TEXT") or not SHARED_TEXT.is_file() else SHARED_TEXT
     return load_eval_text(explicit).text
@@ -172,6 +172,7 @@ def _first_difference(ours: list[int], ref: list[int]) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.fidelity
 def test_token_ids_equal_llama_cpp_on_wikitext(checkpoint: Path) -> None:
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer

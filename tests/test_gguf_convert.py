@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmops.benchmarks.logits import LlamaCppRunner
-from llmops.converters.api import convert, parse_target
-from llmops.converters.checkpoint import open_checkpoint
+from llmops.benchmarks.runner_llamacpp import LlamaCppRunner
+from llmops.app.converting import convert
+from llmops.converters.api import parse_target
+from llmops.core.checkpoint import open_checkpoint
 from llmops.converters.gguf.convert import convert_to_gguf
 from llmops.converters.gguf.quantize import llama_model_quantize
-from llmops.errors import LLMOpsError, UsageError
+from llmops.core.errors import LLMOpsError, UsageError
 
 ARCHS = ["llama", "qwen2", "qwen3", "gemma2", "phi3"]
 PROMPT = "The quick brown fox jumps over the lazy dog. Perplexity measures how well a model predicts text."
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
     def get(arch: str) -> Path:
         if arch not in made:
-            from llmops.tiny_models import tiny_model
+            from llmops.app.tiny_models import tiny_model
 
             base = tmp_path_factory.mktemp("tiny")
             dest = base / DIR_NAMES.get(arch, f"tiny-{arch}")
@@ -41,11 +42,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _tiny_gemma3(dest: Path) -> Path:
-    """Gemma 3 text model (not among llmops.tiny_models), built the same way."""
+    """Gemma 3 text model (not among llmops.app.tiny_models), built the same way."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from llmops.tiny_models import build_tokenizer
+    from llmops.app.tiny_models import build_tokenizer
 
     dest.mkdir(parents=True)
     build_tokenizer(dest)
@@ -207,7 +208,7 @@ def test_default_name_and_record(tiny, tmp_path: Path, monkeypatch: pytest.Monke
     assert rec.output.parent == tmp_path
     assert re.fullmatch(r"[A-Za-z0-9.\-]+-\d+(\.\d+)?[KMB]-Q8_0\.gguf", rec.output.name), rec.output.name
     assert rec.format == "gguf" and rec.quant == "Q8_0"
-    from llmops.hashing import sha256_file
+    from llmops.core.hashing import sha256_file
 
     assert rec.size_bytes == rec.output.stat().st_size and rec.sha256 == sha256_file(rec.output)
     assert rec.peak_rss_bytes and rec.peak_rss_bytes > 0 and rec.seconds > 0

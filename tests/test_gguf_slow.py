@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.slow
+# byte identity with llama.cpp, tokenizer identity and the reference perplexities run in CI too
+fidelity = pytest.mark.fidelity
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 @pytest.fixture(scope="module")
 def smollm2() -> Path:
-    from llmops.fixtures import smollm2_checkpoint
+    from llmops.app.fixtures import smollm2_checkpoint
 
     return smollm2_checkpoint()
 
@@ -30,7 +32,7 @@ def smollm2() -> Path:
 @pytest.fixture(scope="module")
 def wikitext() -> str:
     try:
-        from llmops.evaltext import load_eval_text
+        from llmops.core.evaltext import load_eval_text
 
         return load_eval_text(WIKITEXT if WIKITEXT.is_file() else None).text
     except Exception as e:  # noqa: BLE001
@@ -40,7 +42,7 @@ def wikitext() -> str:
 @pytest.fixture(scope="module")
 def reference_converter() -> Path:
     """llama.cpp's convert_hf_to_gguf.py, unpacked from the llama-cpp-python sdist into a cache folder."""
-    from llmops.benchmarks.bench_convert import reference_converter_script
+    from llmops.app.reference import reference_converter_script
 
     try:
         return reference_converter_script()
@@ -65,12 +67,13 @@ def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory: pytest.TempPathFactory, smollm2: Path) -> dict[str, Path]:
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     d = tmp_path_factory.mktemp("smollm2-gguf")
     return {q: convert(smollm2, f"gguf-{q.lower()}", d, verify=False).output for q in ("F32", "F16", "Q8_0", "Q4_K_M")}
 
 
+@fidelity
 @pytest.mark.parametrize(("quant", "outtype"), [("F16", "f16"), ("Q8_0", "q8_0")])
 def test_byte_identical_to_reference_converter(outputs, reference_converter, smollm2, tmp_path, quant, outtype):
     ref = _reference(reference_converter, smollm2, outtype, tmp_path / f"ref-{outtype}.gguf")
@@ -80,6 +83,7 @@ def test_byte_identical_to_reference_converter(outputs, reference_converter, smo
     assert differing == []
 
 
+@fidelity
 def test_q4_k_m_byte_identical_to_f16_then_llama_quantize(outputs, reference_converter, smollm2, tmp_path):
     from llmops.converters.gguf.quantize import llama_model_quantize
 
@@ -91,6 +95,7 @@ def test_q4_k_m_byte_identical_to_f16_then_llama_quantize(outputs, reference_con
 
 
 # wikitext-2 test, ctx 512, first 16 chunks, second half of each chunk scored (llama-perplexity's method)
+@fidelity
 @pytest.mark.parametrize(("quant", "want", "tol"), [("F32", 28.80, 0.05), ("Q8_0", 28.95, 0.10), ("Q4_K_M", 30.34, 0.20)])
 def test_wikitext_perplexity(outputs, wikitext, quant, want, tol):
     from llmops.benchmarks.accuracy import evaluate_gguf
@@ -100,6 +105,7 @@ def test_wikitext_perplexity(outputs, wikitext, quant, want, tol):
     assert abs(res["ppl_output"] - want) <= tol, res["ppl_output"]
 
 
+@fidelity
 def test_tokenization_equals_hf_on_wikitext(outputs, wikitext, smollm2):
     from transformers import AutoTokenizer
 
@@ -113,7 +119,7 @@ def test_tokenization_equals_hf_on_wikitext(outputs, wikitext, smollm2):
 
 
 def test_verification_against_source(smollm2, wikitext, tmp_path):
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     rec = convert(smollm2, "gguf-q8_0", tmp_path, eval_text=wikitext)
     v = rec.verification

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
 
 # Scale of the per-group quantization step, as stored in the output's ``scales``.
 # RTN rounds each weight to the nearest step: |w - dq| <= scale / 2 (the scale is
@@ -26,7 +26,7 @@ GPTQ_MEAN_STEPS = 0.4
 
 def _corpus_file(dest: Path) -> Path:
     """Calibration text the tiny tokenizers were trained on (independent of the eval text)."""
-    from llmops.tiny_models import _CORPUS
+    from llmops.app.tiny_models import _CORPUS
 
     dest.write_text(_CORPUS * 40, encoding="utf-8")
     return dest
@@ -54,7 +54,7 @@ def calib(work: Path) -> Path:
 def converted(work: Path, calib: Path, tiny_models: Callable[[str], Path]) -> Callable[..., Any]:
     """Each (arch, target, method) converted once per module (each conversion starts a quantization
     child interpreter, the main cost of these tests); ``eval_text`` also runs api.convert's verification."""
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     done: dict[tuple[str, str, str], Any] = {}
 
@@ -93,7 +93,7 @@ def test_targets_parse() -> None:
 
 def test_group_size_choice() -> None:
     from llmops.converters.gptq.plan import choose_group_size
-    from llmops.errors import UsageError
+    from llmops.core.errors import UsageError
 
     said: list[str] = []
     assert choose_group_size(None, {"q": 256, "down": 512}, said.append) == 128
@@ -115,8 +115,8 @@ def test_default_calibration_is_eval_text_tail(eval_text_path: Path, tiny_models
     from transformers import AutoTokenizer
 
     from llmops.converters.gptq.calibration import build_calibration
-    from llmops.evaltext import calibration_split, load_eval_text
-    from llmops.hashing import sha256_file
+    from llmops.core.evaltext import calibration_split, load_eval_text
+    from llmops.core.hashing import sha256_file
 
     tok = AutoTokenizer.from_pretrained(tiny_models("llama"))
     cal = build_calibration(tok, {"eval_text_file": str(eval_text_path), "calibration_samples": 4,
@@ -156,8 +156,8 @@ def test_4bit_record_and_layout(converted: Callable[..., Any], calib: Path,
                                 tiny_models: Callable[[str], Path]) -> None:
     from safetensors import safe_open
 
-    from llmops.artifact_info import describe
-    from llmops.hashing import sha256_file, sha256_path, size_of
+    from llmops.core.artifact_info import describe
+    from llmops.core.hashing import sha256_file, sha256_path, size_of
 
     rec, lines = converted("qwen3")
     out = rec.output
@@ -282,7 +282,7 @@ def _one_layer_llama(folder: Path, **shape: int) -> tuple[Any, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmops.tiny_models import build_tokenizer
+    from llmops.app.tiny_models import build_tokenizer
 
     folder.mkdir()
     build_tokenizer(folder)
@@ -295,7 +295,7 @@ def test_group_size_fallback_and_pickle_source(tmp_path: Path, calib: Path) -> N
     """A 192-wide model (192 % 128 != 0) from a weights-only .pth: group size 64 is chosen and recorded."""
     import torch
 
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     src = tmp_path / "narrow"
     config, model = _one_layer_llama(src, hidden_size=192, intermediate_size=384, num_attention_heads=3,
@@ -311,7 +311,7 @@ def test_group_size_fallback_and_pickle_source(tmp_path: Path, calib: Path) -> N
 
 
 def test_no_valid_group_size_fails_before_writing(tmp_path: Path, calib: Path) -> None:
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     src = tmp_path / "odd"
     _, model = _one_layer_llama(src, hidden_size=80, intermediate_size=160, num_attention_heads=5,
@@ -338,7 +338,7 @@ def test_verification(llama_8bit_verified: Any) -> None:
 
 
 def test_unsupported_architecture(tmp_path: Path, calib: Path, tiny_models: Callable[[str], Path]) -> None:
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     src = tmp_path / "foo"
     shutil.copytree(tiny_models("llama"), src)
@@ -353,7 +353,7 @@ def test_unsupported_architecture(tmp_path: Path, calib: Path, tiny_models: Call
 
 def test_interrupt_during_quantization_leaves_nothing(tmp_path: Path, calib: Path, monkeypatch: pytest.MonkeyPatch,
                                                       tiny_models: Callable[[str], Path]) -> None:
-    from llmops.converters.api import convert
+    from llmops.app.converting import convert
 
     monkeypatch.chdir(tmp_path)
 
@@ -390,8 +390,8 @@ def test_smollm2_gptq_beats_rtn(tmp_path: Path, eval_text_path: Path) -> None:
     """GPTQ 4-bit has lower wikitext-2 perplexity (16 chunks of 512) than round-to-nearest 4-bit written in the
     same format with the same group size (64: SmolLM2's 576-wide layers rule out 128)."""
     from llmops.benchmarks.accuracy import evaluate
-    from llmops.converters.api import convert
-    from llmops.fixtures import smollm2_checkpoint
+    from llmops.app.converting import convert
+    from llmops.app.fixtures import smollm2_checkpoint
 
     src = smollm2_checkpoint()
     text = eval_text_path.read_text(encoding="utf-8")

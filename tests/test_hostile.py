@@ -188,7 +188,7 @@ def test_full_output_location(case: Case, tiny_models) -> None:
 
 def test_sigint_while_writing(case: Case, tmp_path: Path) -> None:
     """Ctrl-C in the middle of a conversion: exit 130, nothing partial, no temporary file."""
-    from llmops.tiny_models import tiny_model
+    from llmops.app.tiny_models import tiny_model
 
     # Big enough (~400 MB of F32) that the write is still running when the signal comes.
     src = tiny_model("llama", tmp_path / "bigger", overrides={"hidden_size": 1024, "intermediate_size": 4096,
@@ -232,8 +232,8 @@ def test_gate_that_is_not_metric_op_number(case: Case, gate: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_safetensors_header_parser_never_crashes(tmp_path_factory, blob: bytes) -> None:
-    from llmops.converters.checkpoint import read_safetensors_header
-    from llmops.errors import LLMOpsError
+    from llmops.core.checkpoint import read_safetensors_header
+    from llmops.core.errors import LLMOpsError
 
     f = tmp_path_factory.mktemp("st") / "x.safetensors"
     f.write_bytes(blob)
@@ -253,8 +253,8 @@ def test_safetensors_header_parser_never_crashes(tmp_path_factory, blob: bytes) 
     "data_offsets": st.lists(st.integers(-4, 300), min_size=2, max_size=2)}), max_size=4),
     st.integers(0, 300))
 def test_safetensors_header_entries_are_checked_against_the_file(tmp_path_factory, header: dict, data_len: int) -> None:
-    from llmops.converters.checkpoint import read_safetensors_header
-    from llmops.errors import LLMOpsError
+    from llmops.core.checkpoint import read_safetensors_header
+    from llmops.core.errors import LLMOpsError
 
     raw = json.dumps(header).encode()
     f = tmp_path_factory.mktemp("st") / "x.safetensors"
@@ -272,7 +272,7 @@ def test_safetensors_header_entries_are_checked_against_the_file(tmp_path_factor
 def test_gate_parser_accepts_exactly_metric_op_number(text: str) -> None:
     import math
 
-    from llmops.errors import UsageError
+    from llmops.core.errors import UsageError
     from llmops.registry.gates import OPS, parse_gate
 
     try:

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from llmops.benchmarks.logits import make_windows
+from llmops.benchmarks.windows import make_windows
+from llmops.core.procfs import PeakRSS
 from llmops.benchmarks.metrics import (
-    PeakRSS,
     StreamingAccuracy,
     log_softmax,
     perplexity,
@@ -17,7 +17,7 @@ from llmops.benchmarks.metrics import (
     token_nll,
     top1_agreement,
 )
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
 
 rng = np.random.default_rng(0)
 
@@ -47,7 +47,12 @@ def test_artifact_against_itself() -> None:
     acc.add(logits, logits, targets)
     r = acc.result()
     assert r["kld"] == 0.0 and r["top1_agreement"] == 1.0
-    assert r["ppl_source"] == r["ppl_output"]
+    # both perplexities against one computed here from the definition (float64), not against each other
+    x = logits.astype(np.float64)
+    nll = np.log(np.exp(x).sum(-1)) - x[np.arange(64), targets]
+    want = math.exp(nll.mean())
+    assert r["ppl_source"] == pytest.approx(want, rel=1e-6)
+    assert r["ppl_output"] == pytest.approx(want, rel=1e-6)
 
 
 def test_kld_known_value_and_sign() -> None:

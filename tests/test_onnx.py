@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmops.converters.api import convert, parse_target, valid_targets
+from llmops.app.converting import convert
+from llmops.converters.api import parse_target, valid_targets
 from llmops.converters.base import TargetSpec
-from llmops.errors import LLMOpsError, UsageError
+from llmops.core.errors import LLMOpsError, UsageError
 
 SENTENCE = ("= Robert Boulter = Robert Boulter is an English film , television and theatre actor . "
             "The quick brown fox jumps over the lazy dog . Perplexity measures how well a model predicts text . ")
@@ -82,7 +83,7 @@ _TORCH_LOGITS: dict[str, np.ndarray] = {}
 
 
 def torch_logits(src: Path, tokens: np.ndarray) -> np.ndarray:
-    from llmops.benchmarks.logits import TorchRunner
+    from llmops.benchmarks.runner_torch import TorchRunner
 
     key = str(src)
     if key not in _TORCH_LOGITS:
@@ -112,7 +113,7 @@ def test_targets_parse() -> None:
 @pytest.mark.parametrize("target", ["onnx", "onnx-fp16", "onnx-int8", "onnx-int4"])
 def test_export_matches_transformers(arch: str, target: str, exports: Callable[[str, str], Path],
                                      tiny_models: Callable[[str], Path], text_tokens: np.ndarray) -> None:
-    from llmops.benchmarks.logits import backend_for
+    from llmops.benchmarks.runners import backend_for
     from llmops.benchmarks.metrics import token_kld, top1_agreement
     from llmops.benchmarks.runner_onnx import OnnxRunner
 
@@ -188,7 +189,7 @@ def test_record(exports: Callable[[str, str], Path], tiny_models: Callable[[str]
                 monkeypatch: pytest.MonkeyPatch) -> None:
     import re
 
-    from llmops.hashing import sha256_path, size_of
+    from llmops.core.hashing import sha256_path, size_of
 
     monkeypatch.chdir(tmp_path)
     rec = convert(tiny_models("qwen3"), "onnx-int4", verify=False, options={"block_size": 64})
@@ -315,8 +316,8 @@ SMOLLM2_PPL_Q4_K_M = 30.34
 @pytest.mark.slow
 def test_smollm2_int4_perplexity(tmp_path: Path, eval_text_path: Path) -> None:
     from llmops.benchmarks.accuracy import evaluate
-    from llmops.evaltext import load_eval_text
-    from llmops.fixtures import smollm2_checkpoint
+    from llmops.core.evaltext import load_eval_text
+    from llmops.app.fixtures import smollm2_checkpoint
 
     src = smollm2_checkpoint()
     rec = convert(src, "onnx-int4", tmp_path / "int4", verify=False, threads=2)
@@ -363,7 +364,7 @@ def test_other_architectures_fp32(tiny_models: Callable[[str], Path], tmp_path: 
     """qwen2, gemma2 (sliding window and soft-capping; exported with full-length KV caches so that
     plain onnxruntime can run it) and phi3 (its builder path needs max == original positions)."""
     from llmops.benchmarks.runner_onnx import OnnxRunner
-    from llmops.tiny_models import tiny_model
+    from llmops.app.tiny_models import tiny_model
 
     phi3 = tiny_model("phi3", tmp_path / "phi3", overrides={"max_position_embeddings": 4096})
     for src in (tiny_models("qwen2"), tiny_models("gemma2"), phi3):

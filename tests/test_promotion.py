@@ -174,7 +174,7 @@ def test_datasets_are_content_addressed(store_env, cli, tmp_path) -> None:
     assert cli("--json", "datasets", "list").json()[0]["latest_version"] == "2"
 
     from llmops.registry.artifacts import local_path
-    from llmops.hashing import sha256_file
+    from llmops.core.hashing import sha256_file
 
     assert sha256_file(local_path(shown["stored_uri"])) == a["sha256"]
     assert cli("datasets", "show", "datasets:/calib/7").code == 1

@@ -203,7 +203,7 @@ def test_sqlite_store_runs_in_wal_mode(tmp_path, monkeypatch, cli) -> None:
 
 
 def test_refs_parse() -> None:
-    from llmops.errors import UsageError
+    from llmops.core.errors import UsageError
     from llmops.registry.refs import parse_ref
 
     assert parse_ref("models:/a/3").version == "3"
@@ -215,7 +215,7 @@ def test_refs_parse() -> None:
 
 
 def test_redact_hides_credentials() -> None:
-    from llmops.config import redact
+    from llmops.core.settings import redact
 
     assert redact("postgresql+psycopg://user:secret@db:5432/x") == "postgresql+psycopg://***@db:5432/x"
     assert "secret" not in redact("http://admin:secret@host/")

@@ -39,7 +39,7 @@ def _run(env: dict[str, str], *args: object, timeout: int = 300) -> subprocess.C
 
 @pytest.mark.postgres
 def test_clients_work_through_a_shared_server(pg_url, tmp_path, tiny_models, eval_text_path) -> None:
-    from llmops.server import stop, wait_until_up
+    from llmops.app.server import stop, wait_until_up
 
     port = _free_port()
     server_store, client_store = tmp_path / "server-store", tmp_path / "client-store"

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 import gguf
 import numpy as np
 
-from llmops.errors import LLMOpsError
+from llmops.converters.architectures import FROM_MODEL_TYPE
+from llmops.core.errors import LLMOpsError
 
 _FAMILIES: dict[str, type[Family]] = {}
 
@@ -40,7 +41,7 @@ def supported_architectures() -> list[str]:
 def family_for(config: dict[str, Any], where: str = "config.json") -> Family:
     _load_all()
     archs = config.get("architectures") or []
-    name = archs[0] if archs else _FROM_MODEL_TYPE.get(str(config.get("model_type")), None)
+    name = archs[0] if archs else FROM_MODEL_TYPE.get(str(config.get("model_type")), None)
     if name is None:
         raise LLMOpsError(
             f"{where}: no 'architectures' entry; GGUF conversion supports {', '.join(sorted(_FAMILIES))}"
@@ -51,13 +52,6 @@ def family_for(config: dict[str, Any], where: str = "config.json") -> Family:
             f"architecture {name} is not supported for GGUF conversion; supported: {', '.join(sorted(_FAMILIES))}"
         )
     return cls(config, name)
-
-
-_FROM_MODEL_TYPE = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-}
 
 
 def _load_all() -> None:

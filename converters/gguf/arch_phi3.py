@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 
 from llmops.converters.gguf.arch_base import Family, register
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
 
 
 @register("Phi3ForCausalLM")

@@ -20,9 +20,7 @@ Type choice mirrors llama.cpp's documented pipeline so the bytes are the same:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,13 +31,15 @@ from typing import Any
 import gguf
 import numpy as np
 
-from llmops.converters.checkpoint import Checkpoint
+from llmops.core.checkpoint import Checkpoint
+from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
 from llmops.converters.gguf.quantize import compute_types, llama_model_quantize, quantize_rows
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
 from llmops.converters.gguf.vocab import add_vocab
-from llmops.converters.gguf.writer import StreamingGGUFWriter, atomic_path
-from llmops.errors import LLMOpsError
+from llmops.converters.gguf.writer import StreamingGGUFWriter
+from llmops.core.atomic import Staged, staged_file
+from llmops.core.errors import LLMOpsError
 
 QT = gguf.GGMLQuantizationType
 Progress = Callable[[str], None]
@@ -72,6 +72,7 @@ class GGUFResult:
     data_bytes: int = 0
     sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    staged: Staged | None = None  # the output, written but not yet renamed into place
 
 
 def _direct_type(name: str, shape: tuple[int, ...], target: str) -> QT:
@@ -168,12 +169,8 @@ def _stream_tensor(ckpt: Checkpoint, family: Family, t: PlannedTensor, out: Stre
         x = ckpt.float32(t.src, None if whole or len(t.shape) < 2 else (a, b))
         if len(t.shape) == 0:
             x = x.reshape(())
-        if not allow_nonfinite and not np.isfinite(x).all():
-            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
-            raise LLMOpsError(
-                f"tensor {t.src} has {bad} NaN/Inf value(s) in rows {a}..{b - 1}; refusing to convert "
-                "(pass allow_nonfinite=True to convert anyway)"
-            )
+        if not allow_nonfinite:
+            refuse_nonfinite(t.src, x, (a, b))
         x = family.transform(t.src, x, info.dtype)
         out.write(_encode(x, t.qtype, t.base, threads))
         del x
@@ -202,6 +199,7 @@ def convert_to_gguf(
     allow_nonfinite: bool = False,
     threads: int | None = None,
     progress: Progress | None = None,
+    commit: bool = True,
     force_two_pass: bool = False,
 ) -> GGUFResult:
     """Write ``ckpt`` as GGUF ``quant_name`` (F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K)."""
@@ -254,31 +252,32 @@ def convert_to_gguf(
 
     say(f"converting {ckpt.path} ({family.hf_arch}) to GGUF {quant.name}: {len(plan)} tensors -> {dest}")
     t0 = time.perf_counter()
-    with atomic_path(dest) as tmp:
+    with staged_file(dest) as staged:
+        tmp = staged.tmp
         if one_pass:
             _write_all(ckpt, family, plan, out, tmp, allow_nonfinite, threads, say)
         else:
             out.abort()
             f16_plan = [PlannedTensor(t.src, t.name, t.shape, t.base, t.base, t.data) for t in plan]
             f16_out, _, _ = build_writer(QUANTS["F16"].ftype, f16_plan, False)
-            fd, f16_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".f16.partial", dir=dest.parent)
-            os.close(fd)
-            f16_tmp = Path(f16_name)
-            try:
-                _write_all(ckpt, family, f16_plan, f16_out, f16_tmp, allow_nonfinite, threads, say)
-                say(f"quantizing with llama.cpp to {quant.name}")
-                llama_model_quantize(str(f16_tmp), str(tmp), quant.ftype, threads)
-            finally:
-                with contextlib.suppress(OSError):
-                    f16_tmp.unlink()
-    say(f"wrote {dest} in {time.perf_counter() - t0:.1f}s")
-    tensor_types = {t.name: t.qtype.name for t in plan} if one_pass else _read_types(dest)
-    return GGUFResult(
-        path=dest, quant=quant.name, arch=family.arch_name, hf_arch=family.hf_arch, parameters=int(info["total"]),
+            with staged_file(dest.with_name(dest.name + ".f16")) as f16:
+                try:
+                    _write_all(ckpt, family, f16_plan, f16_out, f16.tmp, allow_nonfinite, threads, say)
+                    say(f"quantizing with llama.cpp to {quant.name}")
+                    llama_model_quantize(str(f16.tmp), str(tmp), quant.ftype, threads)
+                finally:
+                    f16.discard()
+        say(f"wrote {dest} in {time.perf_counter() - t0:.1f}s")
+        tensor_types = {t.name: t.qtype.name for t in plan} if one_pass else _read_types(tmp)
+    result = GGUFResult(
+        path=tmp, quant=quant.name, arch=family.arch_name, hf_arch=family.hf_arch, parameters=int(info["total"]),
         tensor_types=tensor_types, vocab=info["vocab"], one_pass=one_pass, name=str(md.name),
         size_label=md.size_label, data_bytes=sum(n for *_, n in out.plan),
-        sha256=out.sha256 if one_pass else None,
+        sha256=out.sha256 if one_pass else None, staged=staged,
     )
+    if commit:  # callers that check the output first pass commit=False and commit it themselves
+        result.path, result.staged = staged.commit(), None
+    return result
 
 
 def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out: StreamingGGUFWriter, path: Path,

@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
 
 QT = GGMLQuantizationType
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import gguf
 
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
 
 # The check string llama.cpp's converter tokenizes to identify a BPE pre-tokenizer.
 CHECK_TEXT = (

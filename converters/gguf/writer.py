@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from llmops.converters.gguf.quantize import nbytes as q_nbytes
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
 
 QT = gguf.GGMLQuantizationType
 

@@ -3,7 +3,7 @@
 GPTQ fits each layer to activations produced by calibration text, so that text
 must never be text the evaluation later scores, or the reported perplexity would
 flatter the artifact. By default the calibration tokens come from the part of the
-eval text that :mod:`llmops.evaltext` reserves for calibration (the tail, which
+eval text that :mod:`llmops.core.evaltext` reserves for calibration (the tail, which
 evaluation never reads); a user-named file is used as it is.
 
 The tokens are cut as consecutive windows of ``tokens_per_sample`` tokens from the
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmops.errors import LLMOpsError, UsageError
+from llmops.core.errors import LLMOpsError, UsageError
 
 DEFAULT_SAMPLES = 32
 DEFAULT_TOKENS = 256
@@ -61,7 +61,7 @@ def _positive_int(options: dict[str, Any], key: str, default: int, minimum: int 
 
 def calibration_text(options: dict[str, Any], progress: Callable[[str], None]) -> tuple[str, int, Path, str]:
     """(text to draw from, its offset in the file's text, the file, "file" | "eval-text tail")."""
-    from llmops.evaltext import calibration_part, load_eval_text
+    from llmops.core.evaltext import calibration_part, load_eval_text
 
     named = options.get("calibration_file")
     if named:
@@ -82,7 +82,7 @@ def calibration_text(options: dict[str, Any], progress: Callable[[str], None]) -
 
 def build_calibration(tokenizer: Any, options: dict[str, Any], progress: Callable[[str], None]) -> Calibration:
     """Tokenize just enough of the calibration text for ``samples`` windows of ``tokens`` tokens."""
-    from llmops.hashing import sha256_file
+    from llmops.core.hashing import sha256_file
 
     samples = _positive_int(options, "calibration_samples", DEFAULT_SAMPLES)
     per = _positive_int(options, "calibration_tokens", DEFAULT_TOKENS, MIN_TOKENS)

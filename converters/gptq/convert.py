@@ -27,29 +27,27 @@ itself a GPTQ output: that one is the destination and is replaced.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec
-from llmops.converters.checkpoint import Checkpoint, open_checkpoint
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, discard_on_error
+from llmops.core.atomic import Staged, staged_folder
+from llmops.core.toolversions import tool_versions
+from llmops.core.checkpoint import Checkpoint, open_checkpoint
+from llmops.core.tensorfiles import stored_tensor_bytes
 from llmops.converters.gptq.calibration import Calibration, build_calibration
+from llmops.converters.gptq.layout import TOKENIZER_FILES, check_output, finish_folder, quantized_tensor_stats
 from llmops.converters.gptq.plan import LayerPlan, choose_group_size, plan_layers
-from llmops.errors import LLMOpsError, UsageError
+from llmops.core.errors import LLMOpsError, UsageError
 
 Progress = Callable[[str], None]
 
-# Files that make a folder tokenize and generate like its source; copied verbatim.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 METHODS = ("gptq", "rtn")
 
 
@@ -68,10 +66,20 @@ class GPTQResult:
     quantized_bytes: int
     quantized_params: int
     quantized_modules: int
+    stored_bytes: int = 0  # every tensor in the output, quantized or not
+    parameter_count: int = 0  # of the source checkpoint
+    staged: Staged | None = None  # the output, written but not yet renamed into place
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float | None:
+        """The one definition for every format (``converters.base.bits_per_weight``)."""
+        return bits_per_weight(self.stored_bytes, self.parameter_count)
+
+    @property
+    def quantized_bits_per_weight(self) -> float | None:
+        """The rate of the quantized layers alone: packed weights, scales, zero points and group
+        index over the weights they encode (what GPTQ papers quote)."""
         if not self.quantized_params:
             return None
         return round(self.quantized_bytes * 8 / self.quantized_params, 4)
@@ -126,19 +134,6 @@ def resolve_destination(output: Path | None, name: str) -> Path:
     return dest
 
 
-def _check_finite(ckpt: Checkpoint) -> None:
-    import numpy as np
-
-    for name in ckpt.names():
-        if not ckpt.info(name).is_float:
-            continue
-        x = ckpt.float32(name)
-        if not np.isfinite(x).all():
-            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
-            raise LLMOpsError(f"tensor {name} has {bad} NaN/Inf value(s); refusing to convert "
-                              "(pass allow_nonfinite=True to convert anyway)")
-
-
 def _stage_source(ckpt: Checkpoint, scratch: Path) -> Path:
     """An HF safetensors folder GPTQModel can load, for sources that are not one already.
 
@@ -160,119 +155,6 @@ def _stage_source(ckpt: Checkpoint, scratch: Path) -> Path:
     return staged
 
 
-def _quantized_tensor_stats(folder: Path, bits: int) -> tuple[int, int, int]:
-    """(bytes of qweight+qzeros+scales+g_idx, weights they encode, modules) from the safetensors headers."""
-    per_module: dict[str, dict[str, tuple[list[int], int]]] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            header = json.loads(fh.read(n))
-        for key, meta in header.items():
-            if key == "__metadata__":
-                continue
-            prefix, _, leaf = key.rpartition(".")
-            if leaf in ("qweight", "qzeros", "scales", "g_idx"):
-                start, end = meta["data_offsets"]
-                per_module.setdefault(prefix, {})[leaf] = (meta["shape"], end - start)
-    total_bytes = total_params = 0
-    for prefix, parts in per_module.items():
-        if "qweight" not in parts:
-            raise LLMOpsError(f"GPTQ output is incomplete: {prefix} has {sorted(parts)} but no qweight")
-        shape, _ = parts["qweight"]
-        # qweight packs 32 // bits input rows per int32 word: [in * bits / 32, out]
-        in_features = shape[0] * 32 // bits
-        total_params += in_features * shape[1]
-        total_bytes += sum(nb for _, nb in parts.values())
-    return total_bytes, total_params, len(per_module)
-
-
-def _store_float16(tmp: Path) -> None:
-    """Unquantized tensors (embeddings, norms, output head) in float16, and ``dtype`` float16 in config.json.
-
-    Quantization runs in float32 on the CPU for accuracy, so GPTQModel saves the rest of
-    the model in float32; GPTQ checkpoints are float16 by convention (vLLM's and TGI's GPTQ
-    kernels take float16 activations and read the dtype from config.json), and float32
-    would double the size of the embeddings.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    for f in sorted(tmp.glob("*.safetensors")):
-        tensors = load_file(str(f))
-        if not any(t.dtype == torch.float32 for t in tensors.values()):
-            continue
-        out = {}
-        for name, t in tensors.items():
-            if t.dtype == torch.float32:
-                h = t.to(torch.float16)
-                if not torch.isfinite(h).all() and torch.isfinite(t).all():
-                    raise LLMOpsError(f"tensor {name} does not fit in float16 (largest magnitude "
-                                      f"{float(t.abs().max()):.3g})")
-                t = h
-            out[name] = t.contiguous()
-        save_file(out, str(f), metadata={"format": "pt"})
-    cfg_path = tmp / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg.pop("torch_dtype", None)
-    cfg["dtype"] = "float16"
-    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-
-
-def _finish_folder(tmp: Path, ckpt: Checkpoint) -> None:
-    """Source tokenizer and generation config verbatim; drop GPTQModel's transient scratch path from the config."""
-    _store_float16(tmp)
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        src = ckpt.root / name
-        if src.is_file():
-            shutil.copyfile(src, tmp / name)
-    for name in ("config.json", "quantize_config.json"):
-        p = tmp / name
-        if not p.is_file():
-            continue
-        data = json.loads(p.read_text(encoding="utf-8"))
-        qc = data.get("quantization_config", data) if name == "config.json" else data
-        meta = qc.get("meta") if isinstance(qc, dict) else None
-        if isinstance(meta, dict):
-            meta.pop("offload_to_disk_path", None)
-        p.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
-
-def _check_output(tmp: Path, bits: int, group: int) -> None:
-    try:
-        cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LLMOpsError(f"GPTQModel wrote no readable config.json ({e})") from None
-    qc = cfg.get("quantization_config") or {}
-    got = (qc.get("quant_method"), qc.get("checkpoint_format") or qc.get("format"), qc.get("bits"),
-           qc.get("group_size"))
-    if got != ("gptq", "gptq", bits, group):
-        raise LLMOpsError(f"GPTQModel wrote an unexpected quantization_config {got}; expected "
-                          f"('gptq', 'gptq', {bits}, {group})")
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Rename ``tmp`` to ``dest``; a previous GPTQ output at ``dest`` is moved aside first, then removed."""
-    old: Path | None = None
-    if dest.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-        old.rmdir()
-        os.replace(dest, old)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
 def convert_to_gptq(
     ckpt: Checkpoint,
     bits: int,
@@ -283,6 +165,7 @@ def convert_to_gptq(
     threads: int | None = None,
     device: str = "cpu",
     progress: Progress | None = None,
+    commit: bool = True,
 ) -> GPTQResult:
     """Quantize ``ckpt`` to GPTQ ``bits`` and write it atomically; see the module docstring."""
     say = progress or (lambda _m: None)
@@ -304,7 +187,7 @@ def convert_to_gptq(
     requested = options.get("group_size")
     group = choose_group_size(requested, plan.widths, say)
     if not allow_nonfinite:
-        _check_finite(ckpt)
+        ckpt.check_finite()
     calib: Calibration | None = None
     if method == "gptq":
         from transformers import AutoTokenizer
@@ -323,124 +206,84 @@ def convert_to_gptq(
     say(f"quantizing {ckpt.path} ({plan.architecture}) to GPTQ {bits}-bit, group size {group}, "
         f"{plan.n_layers} layers x {len(plan.widths)} linear modules, {what} on {device} -> {dest}")
     t0 = time.perf_counter()
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    except OSError as e:
-        raise LLMOpsError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
-    scratch: Path | None = None
-    try:
-        scratch = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".work", dir=dest.parent))
-        src_dir = _stage_source(ckpt, scratch)
-        job: dict[str, Any] = {
-            "source": str(src_dir), "output": str(tmp), "scratch": str(scratch), "bits": bits,
-            "group_size": group, "act_order": act_order, "sym": sym, "damp": damp, "method": method,
-            "device": device, "threads": threads, "model_type": plan.model_type,
-            "architecture": plan.architecture, "n_layers": plan.n_layers, "modules_per_layer": len(plan.widths),
-        }
-        if calib is not None:
-            (scratch / "calibration.json").write_text(json.dumps(calib.samples))
-            job["calibration"] = str(scratch / "calibration.json")
-        reply = _run_worker(job, scratch, say)
+    with staged_folder(dest) as (staged, work):
+        tmp = staged.tmp
+        scratch = work / "scratch"
+        scratch.mkdir()
+        try:
+            src_dir = _stage_source(ckpt, scratch)
+            job: dict[str, Any] = {
+                "source": str(src_dir), "output": str(tmp), "scratch": str(scratch), "bits": bits,
+                "group_size": group, "act_order": act_order, "sym": sym, "damp": damp, "method": method,
+                "device": device, "threads": threads, "model_type": plan.model_type,
+                "architecture": plan.architecture, "n_layers": plan.n_layers, "modules_per_layer": len(plan.widths),
+            }
+            if calib is not None:
+                (scratch / "calibration.json").write_text(json.dumps(calib.samples))
+                job["calibration"] = str(scratch / "calibration.json")
+            reply = _run_worker(job, scratch, say)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         damp_used = reply.get("damp")
         worker_rss = reply.get("peak_rss_bytes")
-        _finish_folder(tmp, ckpt)
-        _check_output(tmp, bits, group)
-        q_bytes, q_params, q_modules = _quantized_tensor_stats(tmp, bits)
+        finish_folder(tmp, ckpt)
+        check_output(tmp, bits, group)
+        q_bytes, q_params, q_modules = quantized_tensor_stats(tmp, bits)
+        stored_bytes = stored_tensor_bytes(sorted(tmp.glob("*.safetensors")))
         expected = plan.n_layers * len(plan.widths)
         if q_modules != expected:
             raise LLMOpsError(f"GPTQModel quantized {q_modules} modules, expected {expected} "
                               f"({plan.n_layers} layers x {len(plan.widths)})")
-        os.chmod(tmp, 0o777 & ~_umask())
-        _replace_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
     say(f"wrote {dest} in {time.perf_counter() - t0:.1f}s")
-    return GPTQResult(path=dest, bits=bits, group_size=group,
+    result = GPTQResult(path=tmp, staged=staged, stored_bytes=stored_bytes, parameter_count=ckpt.parameter_count(),
+                      bits=bits, group_size=group,
                       requested_group_size=128 if requested is None else int(requested), act_order=act_order,
                       sym=sym, damp=damp_used, method=method, plan=plan, calibration=calib,
                       quantized_bytes=q_bytes, quantized_params=q_params, quantized_modules=q_modules,
                       extra={"worker_peak_rss_bytes": worker_rss})
+    if commit:  # callers that check the output first pass commit=False and commit it themselves
+        result.path, result.staged = staged.commit(), None
+    return result
 
 
 def _run_worker(job: dict[str, Any], scratch: Path, say: Progress) -> dict[str, Any]:
-    """Run ``worker.py`` in a child interpreter; relay its progress lines; any failure is one line.
+    """Run ``worker.py`` in a child interpreter, relaying its progress; any failure is one line.
 
     On any exception here (the progress callback raising, Ctrl-C) the child is killed
     before the exception propagates, so nothing keeps writing into folders the caller
-    is about to remove.
-    """
-    import collections
-    import subprocess
-    import sys
+    is about to remove."""
+    from llmops.core.child import run_child
 
-    from llmops.converters.gptq.worker import MARK
-
-    job = {**job, "reply": str(scratch / "reply.json")}
-    job_file = scratch / "job.json"
-    job_file.write_text(json.dumps(job))
-    code = "import sys; from llmops.converters.gptq.worker import main; main(sys.argv[1])"
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    with open(scratch / "gptqmodel.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(job_file)], cwd=scratch, stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            assert proc.stderr is not None
-            for raw in proc.stderr:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if line.startswith(MARK):
-                    say(line[len(MARK):])
-                else:
-                    log.write(raw)
-                    if line.strip():
-                        tail.append(line.split("\r")[-1].strip())
-            rc = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            if proc.stderr is not None:
-                proc.stderr.close()
-    reply_file = Path(job["reply"])
-    if reply_file.is_file():
-        reply = json.loads(reply_file.read_text())
-        if not reply.get("ok"):
-            raise LLMOpsError(str(reply.get("error") or "GPTQ quantization failed"))
-        return reply
-    from llmops.benchmarks.logits import child_exit_reason
-
-    raise LLMOpsError(f"GPTQ quantization {child_exit_reason(rc, list(tail))}")
+    return run_child("llmops.converters.gptq.worker:run", job, "GPTQ quantization", scratch, progress=say,
+                     log_file=scratch / "gptqmodel.log", prefix_errors=False)
 
 
 class GPTQConverter(ConverterOptions):
     """The GPTQ implementation of the converter interface (``base.Converter``).
 
-    ``bits_per_weight`` in the record is the *effective* rate of the quantized
-    layers: all bytes stored for them (packed weights, scales, zero points and the
-    group index) times 8, over the number of weights they encode. Embeddings, norms
-    and the output head stay in floating point and are not counted.
+    ``bits_per_weight`` follows the one definition for every format (all stored tensors over
+    the source's parameters); ``quantized_bits_per_weight`` in the parameters is the rate of
+    the quantized layers alone.
     """
 
     format = "gptq"
 
     def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Progress) -> ArtifactRecord:
-        from llmops.converters.api import tool_versions
-        from llmops.hashing import sha256_path, size_of
-
         ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
         bits = int(target.options.get("bits") or int(target.quant.removesuffix("bit")))
         t0 = time.perf_counter()
-        res = convert_to_gptq(ckpt, bits, output, target.options, allow_nonfinite=self.allow_nonfinite,
+        res = convert_to_gptq(ckpt, bits, output, target.options, allow_nonfinite=self.allow_nonfinite, commit=False,
                               threads=self.threads, device=self.device, progress=progress)
         seconds = time.perf_counter() - t0
+        with discard_on_error(res.staged):
+            return self._record(ckpt, target, res, bits, seconds)
+
+    def _record(self, ckpt: Checkpoint, target: TargetSpec, res: GPTQResult, bits: int,
+                seconds: float) -> ArtifactRecord:
+        from llmops.core.hashing import sha256_path, size_of
+
         worker_rss = res.extra.get("worker_peak_rss_bytes")
-        versions = tool_versions()
-        versions.update(_versions("gptqmodel", "optimum"))
+        versions = tool_versions("gptqmodel", "optimum")
         return ArtifactRecord(
             output=res.path,
             format="gptq",
@@ -469,16 +312,9 @@ class GPTQConverter(ConverterOptions):
                 "threads": self.threads,
                 "device": self.device,
                 "quantizer_peak_rss_bytes": worker_rss,
+                "quantized_bits_per_weight": res.quantized_bits_per_weight,
             },
             tool_versions=versions,
+            staged=res.staged,
         )
 
-
-def _versions(*dists: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str] = {}
-    for d in dists:
-        with contextlib.suppress(PackageNotFoundError):
-            out[d] = version(d)
-    return out

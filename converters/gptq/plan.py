@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmops.errors import LLMOpsError, UsageError
+from llmops.core.errors import LLMOpsError, UsageError
 
 DEFAULT_GROUP_SIZE = 128
 MIN_FALLBACK_GROUP = 32

@@ -1,32 +1,19 @@
-"""Living with GPTQModel inside a command-line tool.
+"""Living with GPTQModel's run inside a command-line tool.
 
-GPTQModel 7.6 is written for interactive use, and several of its habits would
-break a CLI whose stdout carries one JSON document, or a library caller:
-
-* its worker pool refuses to start on a 2-core machine unless
-  ``GPTQMODEL_CPU_WORKERS`` is at least 2 (the model-loader sub-pool asks for 2);
-* it prints a banner, progress bars and tables on **stdout**, through a terminal
-  library that caches the stream;
-* a dependency (tokenicer) calls ``logging.basicConfig(level=INFO)`` at import,
-  which would make every library's INFO records appear on stderr;
-* it writes per-processor log files to ``./logs`` in the current folder;
-* an exception in any of its worker threads ends the interpreter with
-  ``os._exit(1)``, skipping every ``finally`` (so no temporary folder could be
-  removed, and a test run would die).
-
-Quantization therefore runs in a child interpreter (``worker.py``) whose stdout
-is a log file; this module holds what that child and the GPTQ runner share: the
-environment set before the import, a quiet import that puts the root logger back
-as it was, and the per-layer progress taken from the hook GPTQModel itself uses
-to print its table (``LoopProcessor.log_new_row``).
+An exception in any of GPTQModel's worker threads ends the interpreter with
+``os._exit(1)``, skipping every ``finally``, and it writes per-processor log files to
+``./logs`` and progress bars to the terminal. Quantization therefore runs in a child
+interpreter (``worker.py``, through the core's child protocol); this module holds what
+that child needs while GPTQModel runs: its logs kept in a scratch folder, no progress
+bars, and the per-layer progress taken from the hook GPTQModel itself uses to print its
+table (``LoopProcessor.log_new_row``). The quiet import is the core's
+(``llmops.core.gptqmodel_env``), since the GPTQ runner needs it too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,74 +21,6 @@ from pathlib import Path
 from typing import Any
 
 Progress = Callable[[str], None]
-
-_imported = False
-_lock = threading.Lock()
-
-
-def configure_environment() -> None:
-    """Worker counts GPTQModel's thread pool accepts; must run before gptqmodel is imported."""
-    # The pool's "model_loader:cpu" sub-pool takes 2 workers from the "cpu" pool, so a
-    # value below 2 (GPTQModel's own default on a 2-core machine is 1) cannot start.
-    value = os.environ.get("GPTQMODEL_CPU_WORKERS")
-    try:
-        workers = int(value) if value else 0
-    except ValueError:
-        workers = 0
-    if workers < 2:
-        os.environ["GPTQMODEL_CPU_WORKERS"] = str(max(2, min(12, ((os.cpu_count() or 2) + 1) // 2)))
-
-
-def import_gptqmodel() -> Any:
-    """Import gptqmodel once, quietly, leaving the process's logging configuration as it was."""
-    global _imported
-    with _lock:
-        if _imported:
-            import gptqmodel
-
-            return gptqmodel
-        configure_environment()
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        try:
-            with _stdout_to(os.devnull):
-                import gptqmodel
-        except ImportError as e:
-            from llmops.errors import NotAvailable
-
-            raise NotAvailable(f"GPTQ conversion needs gptqmodel ({e})") from None
-        finally:
-            for h in root.handlers[:]:
-                if h not in handlers:
-                    root.removeHandler(h)
-            root.setLevel(level)
-        _imported = True
-        return gptqmodel
-
-
-@contextlib.contextmanager
-def _stdout_to(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Send everything written to stdout (Python and native) to ``path`` meanwhile.
-
-    The replacement Python stream is left open afterwards on purpose: GPTQModel's
-    terminal library keeps references to the stream it saw, and a closed file
-    would make its later writes fail; they land in the (removed) log file instead.
-    """
-    with contextlib.suppress(Exception):
-        sys.stdout.flush()
-    saved_fd = os.dup(1)
-    saved_py = sys.stdout
-    sink = open(path, "a", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115 - see docstring
-    try:
-        os.dup2(sink.fileno(), 1)
-        sys.stdout = sink
-        yield
-    finally:
-        with contextlib.suppress(Exception):
-            sink.flush()
-        sys.stdout = saved_py
-        os.dup2(saved_fd, 1)
-        os.close(saved_fd)
 
 
 class LayerProgress:

@@ -1,40 +1,24 @@
 """The quantization child: load, quantize and save with GPTQModel, reporting progress on stderr.
 
-Run as ``python -c "from llmops.converters.gptq.worker import main; main(JOB)"`` by
-``convert.py``. It is a separate interpreter because GPTQModel ends the process
-(``os._exit``) when one of its worker threads fails, and because it writes to
-stdout; in the child both are harmless: the parent reads progress lines from the
-child's stderr (prefixed with :data:`MARK`), keeps the other lines as a log,
-turns a crash into a one-line error, and owns every folder the child writes to,
-removing them on any failure (including Ctrl-C, on which it kills the child).
+Run by ``convert.py`` through the core's child protocol (``llmops.core.child``). It is a
+separate interpreter because GPTQModel ends the process (``os._exit``) when one of its
+worker threads fails, and because it writes to stdout; in the child both are harmless:
+the parent relays the progress lines, keeps the rest as a log, turns a crash into a
+one-line error, and owns every folder the child writes to, removing them on any failure
+(including Ctrl-C, on which it kills the child).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import threading
-import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-MARK = "\x1ellmops-gptq\x1e "  # starts a progress line on the child's stderr
-_write_lock = threading.Lock()
 
-
-def say(message: str) -> None:
-    """A progress line for the parent; never raises (it may run on a GPTQModel worker thread)."""
-    try:
-        with _write_lock:
-            sys.stderr.write(MARK + " ".join(message.split()) + "\n")
-            sys.stderr.flush()
-    except Exception:  # noqa: BLE001 - see docstring
-        pass
-
-
-def run(job: dict[str, Any]) -> dict[str, Any]:
-    from llmops.converters.gptq.runtime import LayerProgress, contained_run, import_gptqmodel
+def run(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    from llmops.converters.gptq.runtime import LayerProgress, contained_run
+    from llmops.core.gptqmodel_env import import_gptqmodel
 
     import_gptqmodel()
     import torch
@@ -75,24 +59,5 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         say("saving")
         model.save(job["output"])
     used = getattr(model.quantize_config, "damp_percent", None)
-    return {"ok": True, "damp": None if job["method"] == "rtn" or used is None else float(used)}
+    return {"damp": None if job["method"] == "rtn" or used is None else float(used)}
 
-
-def main(job_file: str) -> int:
-    job = json.loads(Path(job_file).read_text())
-    try:
-        reply = run(job)
-    except MemoryError:
-        reply = {"ok": False, "error": "out of memory"}
-    except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
-        traceback.print_exc(file=sys.stderr)
-        reply = {"ok": False, "error": traceback.format_exception_only(type(e), e)[-1].strip()}
-    from llmops.benchmarks.procfs import peak_rss
-
-    reply["peak_rss_bytes"] = peak_rss()
-    tmp = Path(job["reply"] + ".tmp")
-    tmp.write_text(json.dumps(reply))
-    os.replace(tmp, job["reply"])
-    sys.stderr.flush()
-    # GPTQModel's pool threads are not daemons; do not wait for them.
-    os._exit(0)

@@ -9,9 +9,9 @@ import sys
 import time
 import urllib.request
 
-from llmops.config import redact
-from llmops.errors import LLMOpsError
-from llmops.output import emit, log
+from llmops.core.settings import redact
+from llmops.core.errors import LLMOpsError
+from llmops.app.output import emit, log
 
 
 # The experiment's artifact location when the server serves artifacts: clients on other
@@ -19,10 +19,19 @@ from llmops.output import emit, log
 SERVED_ARTIFACT_ROOT = "mlflow-artifacts:/llmops"
 
 
+# MLflow's server reads these for its --backend-store-uri and --registry-store-uri options
+# (``mlflow server --help``). The store's URI goes to the child this way and never on its
+# command line, which any user of the machine can read (``ps``, /proc/PID/cmdline): a
+# PostgreSQL URI carries its password.
+BACKEND_STORE_ENV = "MLFLOW_BACKEND_STORE_URI"
+REGISTRY_STORE_ENV = "MLFLOW_REGISTRY_STORE_URI"
+
+
 def server_command(store, host: str, port: int, serve_artifacts: bool = False,  # noqa: ANN001 - Store
                    workers: int = 1) -> list[str]:
+    """The server's argv: nothing secret (the database URI goes in :func:`server_env`)."""
     s = store.settings
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", s.db_url, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port)]
     if serve_artifacts:
         cmd += ["--serve-artifacts", "--artifacts-destination", s.artifact_root.as_uri(),
                 "--default-artifact-root", "mlflow-artifacts:/"]
@@ -30,6 +39,56 @@ def server_command(store, host: str, port: int, serve_artifacts: bool = False,  
         cmd += ["--default-artifact-root", s.artifact_root.as_uri()]
     cmd += ["--workers", str(workers)]
     return cmd
+
+
+def server_env(store, base: dict[str, str] | None = None) -> dict[str, str]:  # noqa: ANN001 - Store
+    """The server's environment: ``base`` (default: ours) with the store's database URI in
+    MLflow's variables for the backend and registry stores."""
+    env = dict(os.environ if base is None else base)
+    env[BACKEND_STORE_ENV] = store.settings.db_url
+    env[REGISTRY_STORE_ENV] = store.settings.db_url
+    # A read replica named in our environment would be some other database's.
+    env.pop("MLFLOW_READ_REPLICA_BACKEND_STORE_URI", None)
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return env
+
+
+def server_launch(store, host: str, port: int, serve_artifacts: bool = False, workers: int = 1,  # noqa: ANN001
+                  base_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of the MLflow server ``llmops ui`` starts."""
+    return server_command(store, host, port, serve_artifacts, workers), server_env(store, base_env)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine (127.0.0.0/8, ::1, a name
+    that resolves only to those). 0.0.0.0, ::, other addresses and unresolvable names do not."""
+    import ipaddress
+
+    name = host.strip().strip("[]")
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        pass
+    if name.lower() == "localhost":
+        return True
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        return False
+    try:
+        return bool(addrs) and all(ipaddress.ip_address(a.split("%", 1)[0]).is_loopback for a in addrs)
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, port: int, serve_artifacts: bool) -> str | None:
+    """The warning ``llmops ui`` prints when it serves the artifact store beyond this machine."""
+    if not serve_artifacts or is_loopback(host):
+        return None
+    return (f"warning: --serve-artifacts on {host}:{port} lets anyone who can reach this port read, upload "
+            "and overwrite artifacts and registry entries without authentication; run it only on a trusted "
+            "network, or put MLflow's basic-auth app in front (mlflow server --app-name basic-auth) "
+            "or an authenticating reverse proxy")
 
 
 def port_free(host: str, port: int) -> bool:
@@ -76,6 +135,9 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
     ``LLMOPS_DATABASE_URL`` to the same database for lineage) and upload through it."""
     if store.settings.tracking_uri != store.settings.db_url:
         raise LLMOpsError(f"MLFLOW_TRACKING_URI points at {redact(store.settings.tracking_uri)}: open that server's UI instead")
+    warning = exposure_warning(host, port, serve_artifacts)
+    if warning:
+        log(warning)
     if not port_free(host, port):
         raise LLMOpsError(f"port {port} on {host} is in use: choose another with --port")
     if serve_artifacts:
@@ -87,13 +149,12 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
             raise LLMOpsError(f"this store keeps artifacts at {loc}, which clients of a shared server cannot "
                               "reach: start a shared server on a fresh database")
     url = f"http://{host}:{port}"
-    env = dict(os.environ)
-    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    argv, env = server_launch(store, host, port, serve_artifacts, workers)
     import signal
 
     # A service manager (or a test) stops us with SIGTERM: take the server down with us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    proc = subprocess.Popen(server_command(store, host, port, serve_artifacts, workers), env=env)  # noqa: S603 - fixed argv
+    proc = subprocess.Popen(argv, env=env)  # noqa: S603 - fixed argv
     try:
         wait_until_up(url, proc)
         if json_mode:

@@ -1,4 +1,4 @@
-"""Lazy, memory-bounded checkpoint loading shared by every converter.
+"""Lazy, memory-bounded checkpoint loading shared by every converter and the torch runner.
 
 A *source* is one of
 
@@ -23,34 +23,27 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmops.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError
+from llmops.core.tensorfiles import (
+    _ST_DTYPES,
+    TensorInfo,
+    _map_range,
+    _torch_dtype_name,
+    _torch_to_numpy,
+    load_weights_pickle,
+    read_safetensors_header,
+    refuse_nonfinite,
+    to_float32,
+)
 
-# safetensors dtype -> (itemsize, numpy storage dtype)
-_ST_DTYPES: dict[str, tuple[int, Any]] = {
-    "F64": (8, np.float64),
-    "F32": (4, np.float32),
-    "F16": (2, np.float16),
-    "BF16": (2, np.uint16),  # raw bits; see to_float32()
-    "F8_E4M3": (1, np.uint8),
-    "F8_E5M2": (1, np.uint8),
-    "I64": (8, np.int64),
-    "I32": (4, np.int32),
-    "I16": (2, np.int16),
-    "I8": (1, np.int8),
-    "U8": (1, np.uint8),
-    "BOOL": (1, np.bool_),
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+CHUNK_BYTES = 16 << 20  # float32 bytes decoded at once when a tensor is read in row ranges
 
 # config.json fields every decoder-only checkpoint must have (first spelling is the
 # canonical one, the others are older names some architectures use), with their types
@@ -70,38 +63,6 @@ OPTIONAL_CONFIG_FIELDS: dict[str, tuple[type, ...]] = {
     "rope_theta": _NUM, "partial_rotary_factor": _NUM, "query_pre_attn_scalar": _NUM,
     "attn_logit_softcapping": _NUM, "final_logit_softcapping": _NUM,
 }
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors spelling: F32, F16, BF16, ...
-    shape: tuple[int, ...]
-    file: Path
-    offset: int = 0  # absolute byte offset in file (safetensors only)
-    nbytes: int = 0
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def is_float(self) -> bool:
-        return self.dtype in FLOAT_DTYPES
-
-
-def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Raw storage array -> float32 (bf16/fp8 bit patterns decoded exactly)."""
-    if dtype == "F32":
-        return arr if arr.dtype == np.float32 else arr.astype(np.float32)
-    if dtype == "BF16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    if dtype in ("F8_E4M3", "F8_E5M2"):
-        import torch  # only fp8 checkpoints pay for torch
-
-        tdt = torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2
-        return torch.from_numpy(np.ascontiguousarray(arr)).view(tdt).float().numpy()
-    return arr.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,69 +116,6 @@ def validate_config(cfg: dict[str, Any], path: Path | str = "config.json",
 # safetensors
 
 
-def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """Parse and validate a safetensors header without reading tensor data."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise LLMOpsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            n = int.from_bytes(head, "little")
-            if n > _MAX_HEADER or n > size - 8:
-                raise LLMOpsError(
-                    f"{path}: corrupt or truncated safetensors file: header claims {n} bytes but the file has {size}"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise LLMOpsError(f"{path}: cannot read ({e.strerror or e})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LLMOpsError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise LLMOpsError(f"{path}: corrupt safetensors header (not a JSON object)")
-    base = 8 + n
-    data_len = size - base
-    infos: list[TensorInfo] = []
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = meta["dtype"]
-            shape = tuple(int(d) for d in meta["shape"])
-            start, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise LLMOpsError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if dtype not in _ST_DTYPES:
-            raise LLMOpsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        expected = math.prod(shape) * _ST_DTYPES[dtype][0]
-        if start < 0 or end < start or end - start != expected:
-            raise LLMOpsError(f"{path}: corrupt safetensors header: tensor {name!r} spans {end - start} bytes, "
-                              f"its shape {list(shape)} {dtype} needs {expected}")
-        if end > data_len:
-            raise LLMOpsError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {base + end} "
-                              f"but the file has {size} bytes")
-        infos.append(TensorInfo(name, dtype, shape, path, base + start, end - start))
-    return infos
-
-
-def _map_range(path: Path, offset: int, nbytes: int) -> tuple[mmap.mmap | None, int]:
-    """Map [offset, offset+nbytes) of path read-only; returns (mapping, delta into it)."""
-    if nbytes == 0:
-        return None, 0
-    gran = mmap.ALLOCATIONGRANULARITY
-    start = (offset // gran) * gran
-    delta = offset - start
-    with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), delta + nbytes, offset=start, access=mmap.ACCESS_READ)
-    return mm, delta
-
-
-# ----------------------------------------------------------------------------------------------
-# the checkpoint
-
-
 class Checkpoint:
     """A lazily-read checkpoint. Use :func:`open_checkpoint` to make one."""
 
@@ -236,7 +134,7 @@ class Checkpoint:
                     self._infos[info.name] = info
         else:
             for f in files:
-                for name, t in self._load_pickle(f).items():
+                for name, t in load_weights_pickle(f).items():
                     self._infos[name] = TensorInfo(name, _torch_dtype_name(t), tuple(t.shape), f)
             self._pickle_file, self._pickle_sd = None, None  # opened again lazily, shard by shard
         if not self._infos:
@@ -297,37 +195,36 @@ class Checkpoint:
         for name in self._infos:
             yield name, self.float32(name)
 
+    def row_chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES,
+                   block: int = 1) -> Iterator[tuple[tuple[int, int] | None, np.ndarray]]:
+        """A tensor in float32 pieces of about ``chunk_bytes`` (whole rows, a multiple of ``block``
+        rows), as ((first row, end row) or None for the whole tensor, array): memory stays near
+        one piece whatever the tensor's size."""
+        shape = self._infos[name].shape
+        if len(shape) < 2:
+            yield None, self.float32(name)
+            return
+        rows, row_elems = shape[0], math.prod(shape[1:])
+        step = max(block, (chunk_bytes // max(1, row_elems * 4)) // block * block)
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            yield ((a, b) if (a, b) != (0, rows) else None), self.float32(name, None if (a, b) == (0, rows) else (a, b))
+
+    def check_finite(self) -> None:
+        """Refuse NaN/Inf weights (streaming: one piece of one tensor in memory at a time)."""
+        for name in self.names():
+            info = self._infos[name]
+            if not info.is_float:
+                continue
+            for rows, x in self.row_chunks(name):
+                refuse_nonfinite(name, x, rows or ((0, info.shape[0]) if len(info.shape) >= 2 else None))
+
     # -- pickles
-    def _load_pickle(self, f: Path) -> dict[str, Any]:
-        import pickle
-        import torch
-
-        try:
-            try:
-                obj = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):  # legacy (non-zip) pickles cannot be memory-mapped
-                    raise
-                obj = torch.load(str(f), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LLMOpsError(
-                f"{f}: refusing to load this pickle: it needs code or objects other than tensors to unpickle "
-                f"(only weights-only pickles are accepted; {first[:200]})"
-            ) from None
-        except Exception as e:  # noqa: BLE001 - zip/EOF/format errors from torch
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LLMOpsError(f"{f}: not a readable PyTorch checkpoint ({msg[:200]})") from None
-        sd = _find_state_dict(obj)
-        if sd is None:
-            raise LLMOpsError(f"{f}: no tensor state dict found in this pickle")
-        return sd
-
     def _pickle_tensor(self, name: str) -> Any:
         info = self._infos[name]
         if self._pickle_file != info.file:
             self._pickle_sd = None
-            self._pickle_sd = self._load_pickle(info.file)
+            self._pickle_sd = load_weights_pickle(info.file)
             self._pickle_file = info.file
         assert self._pickle_sd is not None
         return self._pickle_sd[name]
@@ -343,49 +240,23 @@ class Checkpoint:
         self.close()
 
 
-def _find_state_dict(obj: Any) -> dict[str, Any] | None:
-    import torch
-
-    if isinstance(obj, dict):
-        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-        if tensors and len(tensors) == len(obj):
-            return tensors
-        for key in ("state_dict", "model", "model_state_dict", "module"):
-            if key in obj:
-                found = _find_state_dict(obj[key])
-                if found:
-                    return found
-        if tensors:
-            return tensors
-    return None
-
-
-_TORCH_DT = {
-    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}
-
-
-def _torch_dtype_name(t: Any) -> str:
-    name = str(t.dtype).removeprefix("torch.")
-    if name not in _TORCH_DT:
-        raise LLMOpsError(f"tensor dtype {name} is not supported")
-    return _TORCH_DT[name]
-
-
-def _torch_to_numpy(t: Any) -> np.ndarray:
-    import torch
-
-    t = t.contiguous()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return t.view(torch.uint8).numpy()
-    return t.numpy()
-
-
 # ----------------------------------------------------------------------------------------------
+
+
+def _shard_files(folder: Path, index: Path, weight_map: Any) -> list[Path]:
+    """The shard files an index names. A name must be a plain file name in the index's folder:
+    a path (``../x``, ``/etc/x``, ``sub/x``) would read outside the checkpoint, and is refused."""
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LLMOpsError(f"{index}: corrupt index ('weight_map' must map tensor names to file names)")
+    names = list(dict.fromkeys(weight_map.values()))
+    bad = [n for n in names if not n or n in (".", "..") or Path(n).name != n or "\\" in n or "\x00" in n]
+    if bad:
+        raise LLMOpsError(f"{index}: refusing shard name {bad[0]!r}: shards must be files in the checkpoint folder")
+    files = [folder / n for n in names]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise LLMOpsError(f"{folder}: shards named in the index are missing: {', '.join(missing)}")
+    return files
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], str]:
@@ -393,13 +264,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
     if index.is_file():
         try:
             wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            assert isinstance(wm, dict)
         except Exception:  # noqa: BLE001
             raise LLMOpsError(f"{index}: corrupt index (no 'weight_map' object)") from None
-        files = [folder / p for p in dict.fromkeys(wm.values())]
-        missing = [p.name for p in files if not p.is_file()]
-        if missing:
-            raise LLMOpsError(f"{folder}: shards named in the index are missing: {', '.join(missing)}")
+        files = _shard_files(folder, index, wm)
         return sorted(files), "safetensors"
     st = sorted(folder.glob("*.safetensors"))
     if st:
@@ -410,10 +277,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], str]:
             wm = json.loads(pt_index.read_text(encoding="utf-8"))["weight_map"]
         except Exception:  # noqa: BLE001
             raise LLMOpsError(f"{pt_index}: corrupt index (no 'weight_map' object)") from None
-        files = [folder / p for p in dict.fromkeys(wm.values())]
-        missing = [p.name for p in files if not p.is_file()]
-        if missing:
-            raise LLMOpsError(f"{folder}: shards named in the index are missing: {', '.join(missing)}")
+        files = _shard_files(folder, pt_index, wm)
         return sorted(files), "pickle"
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if bins:

@@ -1,6 +1,6 @@
 """GPTQ conversion benchmark: ``llmops convert --to gptq-4bit`` against GPTQModel called directly.
 
-    python benchmarks/bench_gptq.py [--runs 1] [--threads 2] [--group-size 64]
+    python bench/bench_gptq.py [--runs 1] [--threads 2] [--group-size 64]
 
 Both sides quantize the SmolLM2 fixture on the CPU with the same settings (4 bits, the given
 group size, no act-order, symmetric) and the same calibration token windows (the default:
@@ -38,9 +38,9 @@ model.save(job["output"])
 """
 
 
-def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int]:
-    """(seconds, peak RSS in bytes) of one command. GNU time reports the largest resident set
-    of the command and of the processes it waited for (GPTQModel runs in our child)."""
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int | None]:
+    """(seconds, peak RSS in bytes, None if GNU time reported none) of one command. GNU time reports
+    the largest resident set of the command and of the processes it waited for (GPTQModel runs in our child)."""
     t0 = time.perf_counter()
     # cwd: GPTQModel writes its ./logs folder wherever it runs
     p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
@@ -49,7 +49,13 @@ def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int]:
     if p.returncode != 0:
         raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {p.stderr[-1500:]}")
     kb = [ln.split()[1] for ln in p.stderr.splitlines() if ln.startswith("MAXRSS_KB ")]
-    return secs, int(kb[-1]) * 1024 if kb else 0
+    return secs, int(kb[-1]) * 1024 if kb else None
+
+
+def median_rss_mb(runs: list[tuple[float, int | None]]) -> str:
+    """Median peak RSS in MB over the runs that reported one; "n/a" (never 0) when none did."""
+    known = [rss for _, rss in runs if rss is not None]
+    return f"{statistics.median(known) / 1e6:.0f}" if known else "n/a"
 
 
 def main() -> None:
@@ -63,7 +69,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from llmops.converters.gptq.calibration import build_calibration
-    from llmops.fixtures import smollm2_checkpoint
+    from llmops.app.fixtures import smollm2_checkpoint
 
     src = smollm2_checkpoint()
     calib = build_calibration(AutoTokenizer.from_pretrained(src), {}, lambda _m: None)
@@ -86,8 +92,8 @@ def main() -> None:
     print(f"\n### GPTQ 4-bit g{args.group_size} on CPU (SmolLM2-135M, {len(calib.samples)}×"
           f"{calib.tokens_per_sample} calibration tokens, {args.threads} threads, median of {args.runs})\n")
     print("| side | seconds | peak RSS MB |\n|---|---|---|")
-    print(f"| GPTQModel directly | {t_d:.1f} | {direct[0][1] / 1e6:.0f} |")
-    print(f"| llmops convert --to gptq-4bit | {t_o:.1f} | {ours[0][1] / 1e6:.0f} |")
+    print(f"| GPTQModel directly | {t_d:.1f} | {median_rss_mb(direct)} |")
+    print(f"| llmops convert --to gptq-4bit | {t_o:.1f} | {median_rss_mb(ours)} |")
     print(f"\ntime ratio llmops/direct: {t_o / t_d:.2f}×")
     if args.json:
         print(json.dumps({"ours": ours, "direct": direct, "ratio": t_o / t_d}))

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmops.errors import LLMOpsError
-from llmops.fixtures import cache_dir
-from llmops.hashing import sha256_text
+from llmops.core.errors import LLMOpsError
+from llmops.core.settings import cache_dir
+from llmops.core.hashing import sha256_text
 
 ENV_VAR = "LLMOPS_EVAL_TEXT"
 FILE_NAME = "wiki.test.raw"

@@ -7,7 +7,6 @@ lives here, next to the converters, so the registry stays format-agnostic.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,22 +23,15 @@ class Info:
 
 def _safetensors_bits(files: list[Path]) -> float | None:
     """Average bits per stored element, from the safetensors headers (no tensor data read)."""
-    total_bytes = total_elems = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            if n > 100_000_000:
-                return None
-            header = json.loads(fh.read(n))
-        for k, v in header.items():
-            if k == "__metadata__":
-                continue
-            elems = 1
-            for d in v["shape"]:
-                elems *= d
-            total_elems += elems
-            total_bytes += v["data_offsets"][1] - v["data_offsets"][0]
-    return 8.0 * total_bytes / total_elems if total_elems else None
+    from llmops.core.errors import LLMOpsError
+    from llmops.core.tensorfiles import read_safetensors_header
+
+    try:
+        infos = [t for f in files for t in read_safetensors_header(f)]
+    except LLMOpsError:
+        return None
+    total_elems = sum(t.numel for t in infos)
+    return 8.0 * sum(t.nbytes for t in infos) / total_elems if total_elems else None
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -78,7 +70,7 @@ def describe(path: str | Path) -> Info:
             try:
                 return _gguf_info(p)
             except Exception as e:  # noqa: BLE001 - gguf-py raises anything from struct to numpy errors
-                from llmops.errors import LLMOpsError
+                from llmops.core.errors import LLMOpsError
 
                 raise LLMOpsError(f"{p}: not a readable GGUF file ({type(e).__name__}: {e})") from None
         if suffix == ".safetensors":

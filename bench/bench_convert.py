@@ -1,6 +1,6 @@
 """Conversion benchmark: our GGUF converter against llama.cpp's own tools.
 
-    python benchmarks/bench_convert.py [--runs 3] [--skip-3b] [--workdir DIR]
+    python bench/bench_convert.py [--runs 3] [--skip-3b] [--workdir DIR]
 
 Measures wall time and peak RSS (each run in a fresh process, ``wait4`` rusage) of
 
@@ -23,34 +23,15 @@ import os
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-LLAMA_CPP_PYTHON = "0.3.36"
+from llmops.app.reference import reference_converter_script
+
 FTYPE_Q4_K_M = 15
 
 
-def reference_converter_script() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python sdist (cached; never part of the project)."""
-    from llmops.fixtures import cache_dir
-
-    root = cache_dir() / "reference" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
-    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
-    dl = root.parent / "sdist"
-    dl.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], cwd=dl, check=True,
-                   capture_output=True)
-    tar = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    with tarfile.open(tar) as tf:
-        members = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name and (
-            "/conversion/" in m.name or "/gguf-py/" in m.name or m.name.endswith("convert_hf_to_gguf.py"))]
-        tf.extractall(root.parent, members=members, filter="data")
-    return script
 
 
 def run_measured(cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
@@ -71,7 +52,7 @@ def run_measured(cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
 
 
 def ours(src: Path, target: str, out: Path) -> list[list[str]]:
-    code = ("import sys; from llmops.converters.api import convert; "
+    code = ("import sys; from llmops.app.converting import convert; "
             "convert(sys.argv[1], sys.argv[2], sys.argv[3], verify=False)")
     return [[sys.executable, "-c", code, str(src), target, str(out)]]
 
@@ -147,7 +128,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
-    from llmops.fixtures import smollm2_checkpoint
+    from llmops.app.fixtures import smollm2_checkpoint
 
     src = smollm2_checkpoint()
     script = reference_converter_script()

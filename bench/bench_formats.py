@@ -1,7 +1,7 @@
 """Formats benchmark: every target of the SmolLM2 fixture through ``llmops bench``, and our
 perplexity path against llama.cpp's own ``llama-perplexity`` on the same GGUF.
 
-    python benchmarks/bench_formats.py [--threads 2] [--chunks 16] [--runs 3] [--decode-tokens 64]
+    python bench/bench_formats.py [--threads 2] [--chunks 16] [--runs 3] [--decode-tokens 64]
                                        [--targets gguf-f16,gguf-q8_0,gguf-q4,...] [--no-native]
 
 1. Converts the fixture to each target (skipping targets whose converter is not installed),
@@ -23,55 +23,52 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import re
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_convert import LLAMA_CPP_PYTHON  # noqa: E402
+from llmops.app.reference import llama_cpp_tool
 
 DEFAULT_TARGETS = "gguf-f16,gguf-q8_0,gguf-q4,onnx,onnx-int4,gptq-4bit"
+MISSING = "n/a"
 
 
-def llama_cpp_tool(name: str) -> Path:
-    """One of llama.cpp's own tools (llama-perplexity, llama-bench), built from the same llama.cpp
-    that llama-cpp-python wraps, so both sides of a comparison run the same kernels."""
-    from llmops.fixtures import cache_dir
+def _num(v: object) -> float | None:
+    """A finite number, or None for a missing metric (None, NaN, not a number)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
 
-    root = cache_dir() / "reference" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
-    binary = root / "build" / "bin" / name
-    if binary.is_file():
-        return binary
-    dl = cache_dir() / "reference" / "sdist"
-    dl.mkdir(parents=True, exist_ok=True)
-    tar = dl / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not tar.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(dl)], check=True, capture_output=True)
-    src = root / "src"
-    if not (src / "CMakeLists.txt").is_file():
-        prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-        with tarfile.open(tar) as tf:
-            members = []
-            for m in tf.getmembers():
-                if m.name.startswith(prefix) and len(m.name) > len(prefix):
-                    m.name = m.name[len(prefix):]
-                    members.append(m)
-            tf.extractall(src, members=members, filter="data")
-    print(f"building {name} (once; several minutes on 2 cores)", file=sys.stderr)
-    subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
-                   check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(root / "build"), "--target", name, "-j", str(os.cpu_count() or 2)],
-                   check=True, capture_output=True)
-    return binary
+
+def fmt(v: object, spec: str, suffix: str = "") -> str:
+    """A table cell: "n/a" for a missing metric, never a number that stands in for it."""
+    n = _num(v)
+    return MISSING if n is None else format(n, spec) + suffix
+
+
+def ratio(a: object, b: object) -> float | None:
+    """a / b, or None when either side is missing (or b is 0): a ratio with a missing side is not computed."""
+    x, y = _num(a), _num(b)
+    return x / y if x is not None and y else None
+
+
+def dppl_pct(ppl: object, base: object) -> float | None:
+    r = ratio(ppl, base)
+    return None if r is None else 100.0 * (r - 1.0)
+
+
+def formats_row(name: str, r: dict[str, object], base_ppl: object) -> str:
+    """One row of the formats table; ΔPPL % against ``base_ppl`` (the fp32 source's)."""
+    return (f"| {name} | {r.get('backend') or MISSING} | {fmt(r.get('file_mb'), '.1f')} | "
+            f"{fmt(r.get('bits_per_weight'), '.2f')} | {fmt(r.get('ppl'), '.3f')} | "
+            f"{fmt(dppl_pct(r.get('ppl'), base_ppl), '+.2f')} | {fmt(r.get('kld'), '.4f')} | "
+            f"{fmt(r.get('top1'), '.4f')} | {fmt(r.get('prefill_tps'), '.0f')} | {fmt(r.get('decode_tps'), '.1f')} | "
+            f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
 
 
 def native_speed(binary: Path, gguf: Path, threads: int, runs: int, prompt: int, decode: int) -> tuple[float, float]:
@@ -87,8 +84,8 @@ def native_speed(binary: Path, gguf: Path, threads: int, runs: int, prompt: int,
     return out[0], out[1]
 
 
-def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int, threads: int) -> tuple[float, float]:
-    """(seconds, perplexity) of llama-perplexity; time includes its load, as ours does."""
+def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int, threads: int) -> tuple[float, float | None]:
+    """(seconds, perplexity) of llama-perplexity (None if it printed none); time includes its load, as ours does."""
     t0 = time.perf_counter()
     p = subprocess.run([str(binary), "-m", str(gguf), "-f", str(text_file), "-c", "512", "--chunks", str(chunks),
                         "-t", str(threads), "-b", "512"], capture_output=True, text=True)
@@ -96,7 +93,7 @@ def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int, th
     if p.returncode != 0:
         raise SystemExit(f"llama-perplexity failed: {p.stderr[-2000:]}")
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", p.stdout + p.stderr)
-    return secs, float(m.group(1)) if m else float("nan")
+    return secs, float(m.group(1)) if m else None
 
 
 def ours_perplexity(gguf: Path, text: str, chunks: int, threads: int) -> tuple[float, float]:
@@ -108,8 +105,8 @@ def ours_perplexity(gguf: Path, text: str, chunks: int, threads: int) -> tuple[f
 
 
 def convert_all(src: Path, targets: list[str], workdir: Path) -> dict[str, Path]:
-    from llmops.converters.api import convert
-    from llmops.errors import NotAvailable
+    from llmops.app.converting import convert
+    from llmops.core.errors import NotAvailable
 
     out: dict[str, Path] = {}
     for t in targets:
@@ -134,8 +131,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from llmops.evaltext import evaluation_part, load_eval_text
-    from llmops.fixtures import smollm2_checkpoint
+    from llmops.core.evaltext import evaluation_part, load_eval_text
+    from llmops.app.fixtures import smollm2_checkpoint
 
     ev = load_eval_text()
     src = smollm2_checkpoint()
@@ -157,17 +154,10 @@ def main() -> None:
               f"median of {args.runs} runs, {args.decode_tokens} decode tokens)\n")
         print("| target | backend | MiB | bits/w | PPL | ΔPPL % | KLD | top-1 | prefill tok/s | decode tok/s | peak RSS MiB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        base = rows[0]["ppl"]
-        for name, r in zip(names, rows):
+        base = rows[0].get("ppl")
+        for name, r in zip(names, rows, strict=True):
             report["formats"].append({"target": name, **r})  # type: ignore[union-attr]
-            bpw = r.get("bits_per_weight")
-            print(f"| {name} | {r['backend']} | {r['file_mb']:.1f} | {bpw:.2f} | {r['ppl']:.3f} | "
-                  f"{100 * (r['ppl'] / base - 1):+.2f} | {r.get('kld', 0):.4f} | {r.get('top1', 1):.4f} | "
-                  f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_rss_mb']:.0f} |"
-                  if bpw else
-                  f"| {name} | {r['backend']} | {r['file_mb']:.1f} | - | {r['ppl']:.3f} | "
-                  f"{100 * (r['ppl'] / base - 1):+.2f} | {r.get('kld', 0):.4f} | {r.get('top1', 1):.4f} | "
-                  f"{r['prefill_tps']:.0f} | {r['decode_tps']:.1f} | {r['peak_rss_mb']:.0f} |")
+            print(formats_row(name, r, base))
 
         gguf = arts.get("gguf-q4")
         if gguf is not None and not args.no_native:
@@ -186,9 +176,9 @@ def main() -> None:
             print(f"\n### Perplexity path (Q4_K_M GGUF, {args.chunks}×512 tokens, {args.threads} threads, "
                   f"median of {args.runs}, load included)\n")
             print("| tool | seconds | tokens/s | PPL |\n|---|---|---|---|")
-            print(f"| llama.cpp llama-perplexity | {t_nat:.2f} | {scored / t_nat:.0f} | {nat[0][1]:.4f} |")
+            print(f"| llama.cpp llama-perplexity | {t_nat:.2f} | {scored / t_nat:.0f} | {fmt(nat[0][1], '.4f')} |")
             print(f"| llmops (llama-cpp-python, child process) | {t_ours:.2f} | {scored / t_ours:.0f} | "
-                  f"{ntok[0][1]:.4f} |")
+                  f"{fmt(ntok[0][1], '.4f')} |")
             print(f"\nthroughput ratio ours/native: {t_nat / t_ours:.2f}×")
         ggufs = {t: a for t, a in arts.items() if t.startswith("gguf")}
         if ggufs and not args.no_native:
@@ -202,8 +192,9 @@ def main() -> None:
                 pp, tg = native_speed(lb, path, args.threads, args.runs, 512, args.decode_tokens)
                 r = rows[names.index(name)]
                 speeds[name] = {"native_prefill_tps": pp, "native_decode_tps": tg}
-                print(f"| {name} | {r['prefill_tps']:.0f} | {pp:.0f} | {r['prefill_tps'] / pp:.2f}× | "
-                      f"{r['decode_tps']:.1f} | {tg:.1f} | {r['decode_tps'] / tg:.2f}× |")
+                print(f"| {name} | {fmt(r.get('prefill_tps'), '.0f')} | {fmt(pp, '.0f')} | "
+                      f"{fmt(ratio(r.get('prefill_tps'), pp), '.2f', '×')} | {fmt(r.get('decode_tps'), '.1f')} | "
+                      f"{fmt(tg, '.1f')} | {fmt(ratio(r.get('decode_tps'), tg), '.2f', '×')} |")
             report["llama_bench"] = speeds
         if args.json:
             print(json.dumps(report, indent=2, default=str))

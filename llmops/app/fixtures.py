@@ -27,8 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llmops.errors import LLMOpsError
-from llmops.hashing import sha256_file
+from llmops.core.errors import LLMOpsError
+from llmops.core.settings import cache_dir
+from llmops.core.hashing import sha256_file
 
 Progress = Callable[[str], None] | None
 
@@ -43,10 +44,6 @@ FORMAT_VERSION = 1
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 _CONTROL = 3
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LLMOPS_CACHE") or Path.home() / ".cache" / "llmops").expanduser()
 
 
 def _default_mode(path: Path, mode: int) -> None:

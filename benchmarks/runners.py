@@ -1,0 +1,92 @@
+"""The runner interface: one runner per backend turns token ids into next-token logits.
+
+Backends are named in :data:`BACKENDS` and imported only when used. Every runner runs
+in a child interpreter (``jobs.py``), so a native crash or an OOM kill is one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from llmops.core import plugins
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    backend: str  # a key of BACKENDS: "llama.cpp", "torch", "onnx", "gptq"
+    path: str  # a .gguf file, an ONNX/GPTQ folder, or a checkpoint folder/file for torch
+    n_ctx: int = 512
+    threads: int | None = None
+    device: str = "cpu"
+
+
+class LogitsRunner(Protocol):
+    """What every backend provides. Constructed as ``cls(path, n_ctx=, threads=, vocab_only=, device=)``;
+    with ``vocab_only`` only the tokenizer needs to load."""
+
+    vocab_size: int
+    add_bos: bool
+    bos_id: int
+
+    def tokenize(self, text: str) -> np.ndarray:
+        """The ids the artifact's own tokenizer gives ``text`` (BOS first only if it adds one)."""
+        ...
+
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
+        """[last - first, vocab] float32 logits at positions ``first..last-1`` of one sequence
+        evaluated from an empty cache (all positions by default). Perplexity scores only the
+        second half of each window, so a runner that can skip the output projection for the
+        other positions should."""
+        ...
+
+
+# backend -> "module:Class"; modules are imported only when that backend runs.
+BACKENDS: dict[str, str] = {
+    "llama.cpp": "llmops.benchmarks.runner_llamacpp:LlamaCppRunner",
+    "torch": "llmops.benchmarks.runner_torch:TorchRunner",
+    "onnx": "llmops.benchmarks.runner_onnx:OnnxRunner",
+    "gptq": "llmops.benchmarks.runner_gptq:GPTQRunner",
+}
+
+
+def backend_for(path: str | Path) -> str:
+    """Which runner reads this artifact (from its headers, not its name)."""
+    from llmops.core.artifact_info import describe, is_gguf
+
+    if is_gguf(path):  # the magic is enough; parsing a GGUF's metadata takes seconds
+        return "llama.cpp"
+    fmt = describe(path).format
+    return {"gguf": "llama.cpp", "onnx": "onnx", "gptq": "gptq"}.get(fmt, "torch")
+
+
+class HFTokenizerMixin:
+    """Tokenization with the checkpoint's own Hugging Face tokenizer (torch, ONNX and GPTQ folders)."""
+
+    def _load_tokenizer(self, path: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        p = Path(path)
+        root = p if p.is_dir() else p.parent
+        self.tokenizer = AutoTokenizer.from_pretrained(root)
+        probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        self.add_bos = bool(bos is not None and probe and probe[0] == bos)
+        self.bos_id = int(bos) if bos is not None else -1
+
+    def tokenize(self, text: str) -> np.ndarray:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        return np.asarray(ids, dtype=np.int32)
+
+
+def make_runner(spec: RunnerSpec, vocab_only: bool = False) -> LogitsRunner:
+    factory = plugins.load(BACKENDS, spec.backend, unknown="unknown runner backend {key!r}; known: {known}",
+                           unavailable="the {key} runner is not available in this version ({reason})")
+    kwargs: dict[str, Any] = {"n_ctx": spec.n_ctx, "threads": spec.threads, "vocab_only": vocab_only}
+    if spec.device != "cpu":
+        kwargs["device"] = spec.device
+    return factory(spec.path, **kwargs)
+

@@ -1,0 +1,62 @@
+"""The GGUF implementation of the converter interface."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, discard_on_error
+from llmops.core.toolversions import tool_versions
+
+
+class GGUFConverter(ConverterOptions):
+    """The GGUF implementation of the converter interface (``base.Converter``).
+
+    Conversion runs on the CPU whatever ``device`` says; the device applies to verification."""
+
+    format = "gguf"
+
+    def convert(self, source: Any, target: TargetSpec, output: Path | None,
+                progress: Callable[[str], None]) -> ArtifactRecord:
+        from llmops.core.checkpoint import Checkpoint, open_checkpoint
+        from llmops.converters.gguf.convert import convert_to_gguf
+
+        ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+        t0 = time.perf_counter()
+        res = convert_to_gguf(ckpt, target.quant, output, allow_nonfinite=self.allow_nonfinite, commit=False,
+                              threads=self.threads, progress=progress)
+        seconds = time.perf_counter() - t0
+        with discard_on_error(res.staged):
+            return self._record(ckpt, target, res, seconds)
+
+    def _record(self, ckpt: Any, target: TargetSpec, res: Any, seconds: float) -> ArtifactRecord:
+        from llmops.core.hashing import sha256_file
+
+        return ArtifactRecord(
+            output=res.path,
+            format="gguf",
+            quant=res.quant,
+            sha256=res.sha256 or sha256_file(res.path),
+            size_bytes=res.path.stat().st_size,
+            seconds=seconds,
+            bits_per_weight=bits_per_weight(res.data_bytes, res.parameters),
+            parameters={
+                "source": str(ckpt.path),
+                "target": target.options.get("target", f"gguf-{res.quant.lower()}"),
+                "architecture": res.hf_arch,
+                "gguf_architecture": res.arch,
+                "parameter_count": res.parameters,
+                "model_name": res.name,
+                "size_label": res.size_label,
+                "tensor_types": dict(Counter(res.tensor_types.values())),
+                "tokenizer": res.vocab,
+                "one_pass": res.one_pass,
+                "allow_nonfinite": self.allow_nonfinite,
+                "threads": self.threads,
+            },
+            tool_versions=tool_versions(),
+            staged=res.staged,
+        )

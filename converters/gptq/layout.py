@@ -1,0 +1,101 @@
+"""The Hugging Face GPTQ folder GPTQModel wrote, finished and checked before it is handed out:
+float16 for what stays unquantized, the source's tokenizer and generation config byte for byte,
+the quantization_config transformers, vLLM and TGI read, and the packed tensors' figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from llmops.core.checkpoint import Checkpoint
+from llmops.core.errors import LLMOpsError
+from llmops.core.tensorfiles import read_safetensors_header
+
+# Files that make a folder tokenize and generate like its source; copied verbatim.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def quantized_tensor_stats(folder: Path, bits: int) -> tuple[int, int, int]:
+    """(bytes of qweight+qzeros+scales+g_idx, weights they encode, modules) from the safetensors headers."""
+    per_module: dict[str, dict[str, tuple[tuple[int, ...], int]]] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        for t in read_safetensors_header(f):
+            prefix, _, leaf = t.name.rpartition(".")
+            if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+                per_module.setdefault(prefix, {})[leaf] = (t.shape, t.nbytes)
+    total_bytes = total_params = 0
+    for prefix, parts in per_module.items():
+        if "qweight" not in parts:
+            raise LLMOpsError(f"GPTQ output is incomplete: {prefix} has {sorted(parts)} but no qweight")
+        shape, _ = parts["qweight"]
+        # qweight packs 32 // bits input rows per int32 word: [in * bits / 32, out]
+        in_features = shape[0] * 32 // bits
+        total_params += in_features * shape[1]
+        total_bytes += sum(nb for _, nb in parts.values())
+    return total_bytes, total_params, len(per_module)
+
+
+def store_float16(tmp: Path) -> None:
+    """Unquantized tensors (embeddings, norms, output head) in float16, and ``dtype`` float16 in config.json.
+
+    Quantization runs in float32 on the CPU for accuracy, so GPTQModel saves the rest of
+    the model in float32; GPTQ checkpoints are float16 by convention (vLLM's and TGI's GPTQ
+    kernels take float16 activations and read the dtype from config.json), and float32
+    would double the size of the embeddings.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(tmp.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        if not any(t.dtype == torch.float32 for t in tensors.values()):
+            continue
+        out = {}
+        for name, t in tensors.items():
+            if t.dtype == torch.float32:
+                h = t.to(torch.float16)
+                if not torch.isfinite(h).all() and torch.isfinite(t).all():
+                    raise LLMOpsError(f"tensor {name} does not fit in float16 (largest magnitude "
+                                      f"{float(t.abs().max()):.3g})")
+                t = h
+            out[name] = t.contiguous()
+        save_file(out, str(f), metadata={"format": "pt"})
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = "float16"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+
+
+def finish_folder(tmp: Path, ckpt: Checkpoint) -> None:
+    """Source tokenizer and generation config verbatim; drop GPTQModel's transient scratch path from the config."""
+    store_float16(tmp)
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        src = ckpt.root / name
+        if src.is_file():
+            shutil.copyfile(src, tmp / name)
+    for name in ("config.json", "quantize_config.json"):
+        p = tmp / name
+        if not p.is_file():
+            continue
+        data = json.loads(p.read_text(encoding="utf-8"))
+        qc = data.get("quantization_config", data) if name == "config.json" else data
+        meta = qc.get("meta") if isinstance(qc, dict) else None
+        if isinstance(meta, dict):
+            meta.pop("offload_to_disk_path", None)
+        p.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def check_output(tmp: Path, bits: int, group: int) -> None:
+    try:
+        cfg = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LLMOpsError(f"GPTQModel wrote no readable config.json ({e})") from None
+    qc = cfg.get("quantization_config") or {}
+    got = (qc.get("quant_method"), qc.get("checkpoint_format") or qc.get("format"), qc.get("bits"),
+           qc.get("group_size"))
+    if got != ("gptq", "gptq", bits, group):
+        raise LLMOpsError(f"GPTQModel wrote an unexpected quantization_config {got}; expected "
+                          f"('gptq', 'gptq', {bits}, {group})")

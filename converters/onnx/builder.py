@@ -1,0 +1,245 @@
+"""onnxruntime-genai's model builder called as a library, with our staging, logging and safety around it."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmops.core.checkpoint import Checkpoint
+from llmops.core.errors import LLMOpsError
+
+Progress = Callable[[str], None]
+
+# Files of the source folder the builder (through transformers) reads besides the weights.
+_SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+
+def builder_input(ckpt: Checkpoint, work: Path, say: Progress) -> Path:
+    """A Hugging Face folder the builder can load with ``from_pretrained``.
+
+    A safetensors folder is used as it is. A bare weights file or a (weights-only) pickle is
+    staged as a folder of links to the config and tokenizer files plus one
+    ``model.safetensors``, so the builder never unpickles anything itself.
+    """
+    if ckpt.kind == "safetensors" and ckpt.path.is_dir():
+        return ckpt.root
+    src = work / "source"
+    src.mkdir()
+    for name in _SIDE_FILES:
+        p = ckpt.root / name
+        if p.is_file():
+            os.symlink(p.resolve(), src / name)
+    if ckpt.kind == "safetensors" and len(ckpt.files) == 1:
+        os.symlink(ckpt.files[0].resolve(), src / "model.safetensors")
+        return src
+    import torch
+    from safetensors.torch import save_file
+
+    say("staging the weights as safetensors for the builder")
+    tensors: dict[str, Any] = {}
+    for name in ckpt.names():
+        info = ckpt.info(name)
+        arr = np.ascontiguousarray(ckpt.raw(name))
+        t = torch.from_numpy(arr.copy())
+        if info.dtype == "BF16":
+            t = t.view(torch.bfloat16)
+        elif info.dtype in ("F8_E4M3", "F8_E5M2"):
+            t = torch.from_numpy(ckpt.float32(name).copy())
+        tensors[name] = t
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    ckpt.close()
+    return src
+
+
+class _ProgressLines(io.TextIOBase):
+    """A text stream that hands each complete line to ``say`` (the builder prints to stdout)."""
+
+    def __init__(self, say: Progress, prefix: str = "onnx builder: ") -> None:
+        self.say = say
+        self.prefix = prefix
+        self.buf = ""
+        self.error: BaseException | None = None  # what ``say`` raised, re-raised as it is
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        self.buf += s
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            if line.strip():
+                self._say(self.prefix + line.strip())
+        return len(s)
+
+    def _say(self, msg: str) -> None:
+        try:
+            self.say(msg)
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        if self.buf.strip():
+            line, self.buf = self.buf, ""
+            self._say(self.prefix + line.strip())
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[Callable[[], None]]:
+    """Undo what importing onnxruntime.quantization's MatMulNBits quantizer does to logging.
+
+    That module calls ``logging.basicConfig(level=INFO)`` when imported, which would put a
+    line per quantized node (and every other library's INFO records) on stderr for the rest
+    of the process. The context yields ``restore``, called right after the import and again
+    on exit: the root logger gets its handlers and level back, the quantizer keeps to warnings.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quant = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    quant_level = quant.level
+
+    def restore() -> None:
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
+
+    try:
+        quant.setLevel(logging.WARNING)
+        yield restore
+    finally:
+        restore()
+        quant.setLevel(quant_level)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """The builder's tqdm bar (saving tensors) and transformers' (loading weights) are redrawn
+    hundreds of times; progress goes through ``say`` instead."""
+    import functools
+
+    from transformers.utils import logging as hf_logging
+
+    base = sys.modules.get("builders.base")
+    orig = getattr(base, "tqdm", None) if base is not None else None
+    hf_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if orig is not None:
+        base.tqdm = functools.partial(orig, disable=True)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if orig is not None:
+            base.tqdm = orig  # type: ignore[union-attr]
+        if hf_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _no_git(work: Path) -> Iterator[None]:
+    """The builder stamps ``producer_version`` with ``git rev-parse HEAD`` run beside its own
+    files; with the virtual environment inside a git checkout (ours) that is the checkout's
+    commit, not onnxruntime-genai's. A GIT_DIR that does not exist makes it use the package's
+    recorded commit, as it does when run from a plain installation."""
+    old = os.environ.get("GIT_DIR")
+    os.environ["GIT_DIR"] = str(work / "no-git")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GIT_DIR", None)
+        else:
+            os.environ["GIT_DIR"] = old
+
+
+def run_builder(input_path: Path, out_dir: Path, cache_dir: Path, precision: str, provider: str,
+                options: dict[str, str], threads: int | None, say: Progress) -> None:
+    """``python -m onnxruntime_genai.models.builder -i IN -o OUT -p P -e EP -c CACHE --extra_options ...``,
+    as a library call."""
+    # hf_remote=false, always and explicitly (whatever the builder's default in a release):
+    # trust_remote_code=True would make transformers import and run any Python that a
+    # config.json's ``auto_map`` points at.
+    extra = [f"{k}={v}" for k, v in options.items()] + ["hf_remote=false"]
+    stream = _ProgressLines(say)
+    try:
+        with _quiet_logging() as restore_logging, contextlib.redirect_stdout(stream), _torch_threads(threads):
+            try:
+                from onnxruntime_genai.models import builder as mb
+            except ImportError as e:
+                raise LLMOpsError(f"onnxruntime-genai's model builder cannot be imported ({e})") from None
+            restore_logging()
+            with _no_progress_bars(), _no_git(cache_dir):
+                kwargs = mb.parse_extra_options(None, str(input_path), str(out_dir), precision, provider,
+                                                str(cache_dir), extra)
+                mb.create_model(None, str(input_path), str(out_dir), precision, provider, str(cache_dir), **kwargs)
+            stream.flush()
+    except (LLMOpsError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - the builder raises bare Exception/ValueError/NotImplementedError
+        if e is stream.error:  # the caller's own progress callback failed: not the builder's doing
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LLMOpsError(f"the ONNX model builder failed: {type(e).__name__}: {first[:300]}") from None
+
+
+def copy_chat_template(src_root: Path, out: Path) -> None:
+    """Keep the chat template even where the tokenizer's save did not write one."""
+    has = (out / "chat_template.jinja").is_file() or (out / "chat_template.json").is_file()
+    if not has:
+        try:
+            has = "chat_template" in json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            has = False
+    if has:
+        return
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (src_root / name).is_file():
+            shutil.copyfile(src_root / name, out / name)
+            return
+
+
+def inspect_model(folder: Path) -> tuple[int, dict[str, int], dict[str, int]]:
+    """(initializer bytes, opsets, op type counts) of the folder's model.onnx, without loading weights."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    nbytes = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            ext = {e.key: e.value for e in t.external_data}
+            nbytes += int(ext.get("length", 0))
+        else:
+            nbytes += len(t.raw_data) or t.ByteSize()
+    opset = {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return nbytes, opset, ops

@@ -1,0 +1,118 @@
+"""What the ONNX export refuses before any file is written: architecture, precision on the
+execution provider, builder options, non-finite weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from llmops.converters.architectures import class_name_of
+from llmops.converters.onnx.targets import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
+from llmops.core.checkpoint import Checkpoint
+from llmops.core.errors import LLMOpsError, UsageError
+
+Progress = Callable[[str], None]
+
+# Architectures that both the GGUF converter (converters/gguf/arch_*.py) and the model
+# builder of onnxruntime-genai 0.18 (builder.py's create_model dispatch) handle. Phi-3
+# with LongRoPE (max_position_embeddings != original_max_position_embeddings) goes to the
+# builder's Phi3MiniLongRoPEModel, which it also supports.
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+)
+
+# precision -> execution providers it is built for: the builder's own list of valid
+# combinations ("FP32 CPU, FP32 CUDA, FP16 CUDA, INT8 CPU, INT8 CUDA, INT4 CPU, INT4 CUDA").
+# fp16 for the CPU builds (MultiHeadAttention instead of GroupQueryAttention) and a single
+# forward pass runs, but onnxruntime-genai 0.18 fails on its second decoding step ("Shape
+# mismatch attempting to re-use buffer" in a Cast onnxruntime inserts for fp16 on the CPU),
+# so it is refused rather than handed out half-working.
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "fp32": ("cpu", "cuda"),
+    "fp16": ("cuda",),
+    "int8": ("cpu", "cuda"),
+    "int4": ("cpu", "cuda"),
+}
+
+
+
+def architecture_of(ckpt: Checkpoint) -> str:
+    """The Hugging Face class name, or a one-line error naming what is supported."""
+    name = ckpt.architecture or class_name_of(ckpt.config)
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if name is None:
+        raise LLMOpsError(f"{ckpt.root / 'config.json'}: no 'architectures' entry; ONNX conversion supports {supported}")
+    if name not in SUPPORTED_ARCHITECTURES:
+        raise LLMOpsError(f"architecture {name} is not supported for ONNX conversion; supported: {supported}")
+    cfg = ckpt.config
+    if name == "Phi3ForCausalLM" and cfg.get("max_position_embeddings") != cfg.get("original_max_position_embeddings"):
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+        if kind not in ("longrope", "su"):
+            # the builder takes this for a LongRoPE model and fails without its factors
+            raise LLMOpsError(f"{ckpt.root / 'config.json'}: a Phi-3 whose max_position_embeddings "
+                              f"({cfg.get('max_position_embeddings')}) differs from original_max_position_embeddings "
+                              f"({cfg.get('original_max_position_embeddings')}) needs LongRoPE scaling factors "
+                              f"(rope type 'longrope', got {kind!r}); the ONNX model builder cannot export it")
+    return name
+
+
+def builder_options(precision: str, device: str, options: dict[str, Any],
+                    config: dict[str, Any] | None = None) -> dict[str, str]:
+    """The builder's ``--extra_options`` for this target, validated here so that errors are ours."""
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r} for ONNX conversion; choose cpu or cuda")
+    if device not in PROVIDERS[precision]:
+        raise UsageError(f"onnx-{precision} is built for --device {' or '.join(PROVIDERS[precision])} only "
+                         "(onnxruntime-genai cannot decode the model builder's fp16 CPU graph); "
+                         "use onnx (fp32), onnx-int8 or onnx-int4 on the CPU")
+    out: dict[str, str] = {}
+    if precision in ("int4", "int8"):
+        bs = options.get("block_size")
+        bs = DEFAULT_BLOCK_SIZE if bs is None else bs
+        try:
+            bs = int(bs)
+        except (TypeError, ValueError):
+            raise UsageError(f"block size must be an integer, got {bs!r}") from None
+        if bs not in BLOCK_SIZES:
+            raise UsageError(f"block size {bs} is not supported by MatMulNBits; choose one of "
+                             f"{', '.join(map(str, BLOCK_SIZES))}")
+        out["block_size"] = str(bs)
+        level = options.get("int4_accuracy_level", options.get("accuracy_level"))
+        if level is not None:
+            if str(level) not in ("0", "1", "2", "3", "4"):
+                raise UsageError(f"accuracy level must be 0..4 (1 fp32, 2 fp16, 3 bf16, 4 int8 activations), "
+                                 f"got {level!r}")
+            out["accuracy_level"] = str(level)
+    # the builder's own --extra_options (KEY=VALUE), for what this converter does not expose,
+    # e.g. {"algo_config": "k_quant_mixed"}; they are recorded with the artifact
+    extra = options.get("extra_options") or {}
+    if not isinstance(extra, dict):
+        raise UsageError(f"extra_options must be a mapping of the model builder's KEY=VALUE options, got {extra!r}")
+    for k, v in extra.items():
+        if str(k) in ("hf_remote", "trust_remote_code"):
+            raise UsageError(f"extra option {k} is not accepted: llmops never runs code shipped with a checkpoint")
+        out[str(k)] = str(v).lower() if isinstance(v, bool) else str(v)
+    if (config or {}).get("sliding_window") and "windowed_kv_cache" not in out:
+        # A windowed cache (a ring of window-size buffers for the sliding-window layers, Gemma 2/3)
+        # cannot be fed the empty past that a full-window forward pass needs, so plain onnxruntime
+        # could not evaluate the model; full-length caches keep the folder runnable by both
+        # runtimes, at the price of more KV memory for long contexts in onnxruntime-genai.
+        out["windowed_kv_cache"] = "false"
+    return out
+
+
+def check_finite(ckpt: Checkpoint, say: Progress) -> None:
+    """Refuse NaN/Inf weights up front, as the GGUF converter does (the builder would copy them)."""
+    say("checking that every weight is finite")
+    for name in ckpt.names():
+        info = ckpt.info(name)
+        if not info.is_float:
+            raise LLMOpsError(f"tensor {name} has integer dtype {info.dtype}; quantized checkpoints are not supported")
+    ckpt.check_finite()

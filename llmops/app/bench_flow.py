@@ -1,0 +1,130 @@
+"""``llmops bench`` and ``llmops bench compare``: measure artifacts, record the results, compare them."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from llmops.app.output import log
+from llmops.app.recording import record_bench
+from llmops.core.errors import UsageError
+from llmops.registry.versions import run_of
+
+
+def _eval_text(state, eval_text: str | None, dataset: str | None):  # noqa: ANN001, ANN202
+    from llmops.core.evaltext import load_eval_text
+
+    if dataset:
+        from llmops.registry import datasets
+
+        store = state.store()
+        info = datasets.show(store, dataset)
+        with datasets.local_copy(store, dataset) as p:
+            ev = load_eval_text(p)
+        return ev, info
+    return load_eval_text(eval_text, progress=log), None
+
+
+def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | None, metrics: str,  # noqa: ANN001
+              eval_text: str | None, dataset: str | None, ctx: int, chunks: int | None, baseline: str | None,
+              record: bool, runs: int, decode_tokens: int, prompt_tokens: int,
+              max_memory_mb: int | None = None) -> dict[str, Any]:
+    import os
+    import time
+
+    from llmops.benchmarks.jobs import MAX_MEMORY_ENV
+
+    from llmops.benchmarks.bench import METRICS, BenchOptions, bench_artifact
+    from llmops.core.settings import cache_dir
+    from llmops.registry.refs import is_ref
+
+    wanted = {m.strip() for m in metrics.split(",") if m.strip()}
+    if not wanted or wanted - set(METRICS):
+        raise UsageError(f"--metrics takes a comma-separated subset of {','.join(METRICS)}")
+    if runs < 1 or decode_tokens < 2 or prompt_tokens < 1 or ctx < 8:
+        raise UsageError("--runs, --decode-tokens, --prompt-tokens and --ctx must be positive")
+    for a in (*artifacts, *( [baseline] if baseline else [])):
+        if not is_ref(a) and not Path(a).exists():
+            raise UsageError(f"{a}: no such file or folder")
+    needs_store = record or any(is_ref(a) for a in artifacts) or (baseline and is_ref(baseline)) or dataset
+    store = state.store() if needs_store else None
+    ev, dataset_info = _eval_text(state, eval_text, dataset) if wanted & {"latency", "accuracy"} else (None, None)
+    rows = []
+    with ExitStack() as stack:
+        if max_memory_mb:
+            stack.enter_context(_env(MAX_MEMORY_ENV, str(max_memory_mb)))  # read by every runner child
+        from llmops.registry.artifacts import materialize
+        from llmops.registry.versions import resolve_artifact
+
+        def local(a: str) -> Path:
+            if is_ref(a):
+                return stack.enter_context(materialize(resolve_artifact(store, a).uri, store.settings.tracking_uri))
+            return Path(a).resolve()
+
+        base_path = local(baseline) if baseline else None
+        opts = BenchOptions(metrics=wanted, device=device, threads=threads or os.cpu_count(), text=ev.text if ev else None, ctx=ctx,
+                            chunks=chunks, baseline=base_path, runs=runs, prompt_tokens=prompt_tokens,
+                            decode_tokens=decode_tokens, cache_dir=cache_dir() / "logits")
+        for a in artifacts:
+            path = local(a)
+            t0 = time.time()
+            res = bench_artifact(path, opts, progress=log)
+            row = {"artifact": a, **res["details"], **res["metrics"]}
+            if record and store is not None:
+                row.update(record_bench(store, path=path, ref=a if is_ref(a) else None, res=res, ev=ev,
+                                         dataset_info=dataset_info, opts=opts, seconds=time.time() - t0))
+            rows.append(row)
+    return {"eval_text": {"sha256": ev.sha256, "source": ev.source} if ev else None, "baseline": baseline, "rows": rows}
+
+
+@contextmanager
+def _env(key: str, value: str):  # noqa: ANN202
+    import os
+
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> dict[str, Any]:  # noqa: ANN001
+    from llmops.registry import results
+    from llmops.registry.versions import resolve_artifact, resolve_model_version
+
+    store = state.store()
+    rows, fp = [], None
+    for ref in refs:
+        art = resolve_artifact(store, ref)
+        with store.session() as s:
+            rs = results.latest(s, art.id, None if any_hardware else fp)
+        if fp is None and not any_hardware:
+            fp = rs.hardware_fingerprint
+        m = dict(rs.metrics)
+        m.setdefault("file_mb", art.size_bytes / (1024 * 1024))
+        rows.append({"ref": ref, "label": ref.split(":/", 1)[-1], "format": art.format, "quant": art.quant,
+                     "hardware": rs.hardware_fingerprint, **m})
+    base_ppl = rows[0].get("ppl") if rows else None
+    for r in rows:
+        if r.get("ppl") and base_ppl:
+            r["dppl_pct"] = 100.0 * (r["ppl"] / base_ppl - 1.0)
+    out: dict[str, Any] = {"hardware": fp, "rows": rows, "plot": None}
+    if plot:
+        from llmops.benchmarks.bench import tradeoff_plot
+
+        plotted = [r for r in rows if r.get("ppl") is not None]
+        if not plotted:
+            raise UsageError("nothing to plot: no perplexity recorded for these references (run `llmops bench REF`)")
+        tradeoff_plot(plotted, plot)
+        out["plot"] = str(Path(plot).resolve())
+        for r in rows:
+            if r["ref"].startswith("models:/"):
+                mv = resolve_model_version(store, r["ref"])
+                if run_of(mv):
+                    store.mlflow.log_artifact(run_of(mv), str(plot), "plots")
+    return out

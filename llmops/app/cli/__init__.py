@@ -1,0 +1,60 @@
+"""The ``llmops`` command line: thin commands over the library.
+
+Only click is imported at start-up; every command imports what it needs
+(torch, transformers, mlflow) inside its body, so ``llmops --help`` is instant.
+Errors become one line on stderr (and ``{"error": ...}`` on stdout with
+--json) and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from llmops.app.cli import convert_cmds, registry_cmds, server_cmds  # noqa: F401 - they register the commands
+from llmops.app.cli.base import cli
+from llmops.app.output import emit, log
+from llmops.core.errors import LLMOpsError
+
+__all__ = ["cli", "main"]
+
+
+# -- entry point ----------------------------------------------------------------------------
+def _fail(message: str, code: int, json_mode: bool) -> int:
+    message = " ".join(message.split())
+    if json_mode:
+        emit(True, {"error": message})
+    log(f"error: {message}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    json_mode = "--json" in args
+    try:
+        cli.main(args=args, prog_name="llmops", standalone_mode=False)
+        return 0
+    except LLMOpsError as exc:
+        return _fail(str(exc), exc.exit_code, json_mode and not exc.reported)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code, json_mode)
+    except click.exceptions.Abort:
+        return _fail("interrupted", 130, json_mode)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, json_mode)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
+        if os.environ.get("LLMOPS_DEBUG"):
+            raise
+        return _fail(f"{type(exc).__name__}: {exc} (set LLMOPS_DEBUG=1 for a traceback)", 1, json_mode)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

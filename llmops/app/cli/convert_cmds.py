@@ -1,0 +1,142 @@
+"""``llmops convert`` and ``llmops bench``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+
+from llmops.app.cli.base import DefaultGroup, _state, cli, common, out
+from llmops.app.output import table
+
+
+# -- convert ----------------------------------------------------------------------
+@cli.command()
+@click.argument("source")
+@click.option("--to", "target", required=True, help="gguf-f32|f16|bf16|q8_0|q4_0|q4_k_m|q5_k_m|q6_k, gguf-q4, "
+              "gptq-4bit|8bit, onnx|onnx-fp16|onnx-int8|onnx-int4")
+@click.option("-o", "--output", type=click.Path(), help="Output file or folder.")
+@click.option("--register", "register_name", help="Register the output as a new version of this model.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare against the source on eval text.")
+@click.option("--calibration", help="Calibration data (GPTQ): datasets:/NAME/VERSION or a text file "
+              "(default: a part of the eval text that evaluation never reads).")
+@click.option("--calibration-samples", type=click.IntRange(1), help="GPTQ calibration samples (default 32).")
+@click.option("--calibration-tokens", type=click.IntRange(8), help="Tokens per calibration sample (default 256).")
+@click.option("--group-size", type=click.IntRange(-1), help="GPTQ group size (default 128; the largest valid one "
+              "when the layer width is not a multiple).")
+@click.option("--act-order", is_flag=True, default=None, help="GPTQ: quantize columns in order of activation size.")
+@click.option("--sym/--asym", default=None, help="GPTQ: symmetric (default) or asymmetric quantization.")
+@click.option("--damp", type=click.FloatRange(0, 1, min_open=True), help="GPTQ dampening fraction.")
+@click.option("--block-size", type=click.IntRange(16), help="onnx-int4/onnx-int8 block size (default 32).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all).")
+@click.option("--eval-text", type=click.Path(dir_okay=False), help="Eval text for --verify (default $LLMOPS_EVAL_TEXT).")
+@click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
+@common
+def convert(source: str, target: str, output: str | None, register_name: str | None, verify: bool,
+            calibration: str | None, device: str, threads: int | None, eval_text: str | None, allow_nonfinite: bool,
+            **options: Any) -> None:
+    """Convert SOURCE (a checkpoint folder or file, or models:/NAME/VERSION) to TARGET."""
+    from llmops.app.convert_flow import run_convert
+
+    out(run_convert(_state(), source=source, target=target, output=output, register_name=register_name,
+                    verify=verify, calibration=calibration, device=device, eval_text=eval_text, threads=threads,
+                    allow_nonfinite=allow_nonfinite, options=options), _render_convert)
+
+
+def _render_convert(d: dict[str, Any]) -> str:
+    lines = [f"wrote {d['output']} ({d['format']} {d['quant']}, {d['size_bytes'] / 1e6:.1f} MB, {d['seconds']:.1f} s)"]
+    v = d.get("verification")
+    if v:
+        lines.append(f"verify: KLD {_fmt(v.get('kld'), '.5f')}, top-1 {_fmt(v.get('top1_agreement'), '.4f')}, "
+                     f"PPL {_fmt(v.get('ppl_source'), '.3f')} -> {_fmt(v.get('ppl_output'), '.3f')}")
+    if d.get("registered"):
+        lines.append(f"registered {d['registered']['uri']}")
+    return "\n".join(lines)
+
+
+# -- bench --------------------------------------------------------------------------
+@cli.group(cls=DefaultGroup)
+def bench() -> None:
+    """Benchmark artifacts (memory, latency, accuracy), or compare recorded results."""
+
+
+@bench.command("run", hidden=True)
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, help="CPU threads (default: all available).")
+@click.option("--metrics", default="memory,latency,accuracy", show_default=True)
+@click.option("--eval-text", type=click.Path(dir_okay=False), help="Eval text (default $LLMOPS_EVAL_TEXT, else wikitext-2).")
+@click.option("--dataset", help="Eval text from the registry: datasets:/NAME/VERSION.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Perplexity context.")
+@click.option("--chunks", type=int, default=16, show_default=True, help="Perplexity chunks (-1: all).")
+@click.option("--baseline", help="Source model for KL-divergence and top-1 agreement (path or models:/...).")
+@click.option("--record/--no-record", default=True, show_default=True, help="Store results in the registry.")
+@click.option("--runs", type=int, default=3, show_default=True, help="Timed runs after a warm-up (medians reported).")
+@click.option("--decode-tokens", type=int, default=128, show_default=True)
+@click.option("--prompt-tokens", type=int, default=512, show_default=True)
+@click.option("--max-memory", type=click.IntRange(1), help="Cap the memory each runner process may allocate "
+              "for the model (MiB); past it the runner fails cleanly instead of taking the machine down.")
+@common
+def bench_run(artifacts: tuple[str, ...], device: str, threads: int | None, metrics: str, eval_text: str | None,
+              dataset: str | None, ctx: int, chunks: int, baseline: str | None, record: bool, runs: int,
+              decode_tokens: int, prompt_tokens: int, max_memory: int | None) -> None:
+    """Benchmark ARTIFACT... (files, folders or models:/ references) on this machine."""
+    from llmops.app.bench_flow import run_bench
+
+    r = run_bench(_state(), artifacts, device=device, threads=threads, metrics=metrics, eval_text=eval_text,
+                  dataset=dataset, ctx=ctx, chunks=None if chunks < 0 else chunks, baseline=baseline, record=record,
+                  runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, max_memory_mb=max_memory)
+    out(r, lambda d: _bench_table(d["rows"]))
+
+
+MISSING = "n/a"
+
+
+def _num(v: Any) -> float | None:
+    """``v`` as a number when it is one and finite; None (missing) otherwise."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def _fmt(v: Any, spec: str) -> str:
+    """A metric for a table: a missing or non-finite value is "n/a", never a number."""
+    n = _num(v)
+    return MISSING if n is None else format(n, spec)
+
+
+def _dppl(r: dict[str, Any], against_first: bool) -> float | None:
+    """dPPL% of a row: against the row's own baseline, or (``bench compare``) the ``dppl_pct`` computed
+    against the first REF; None when a perplexity is missing (a ratio with a missing side is not computed)."""
+    if against_first:
+        return _num(r.get("dppl_pct"))
+    ppl, base = _num(r.get("ppl")), _num(r.get("ppl_baseline"))
+    return 100.0 * (ppl / base - 1.0) if ppl is not None and base else None
+
+
+def _bench_table(rows: list[dict[str, Any]], against_first: bool = False) -> str:
+    body = []
+    for r in rows:
+        dppl = _dppl(r, against_first)
+        body.append([r.get("artifact") or r.get("label") or MISSING, r.get("format") or MISSING,
+                     r.get("quant") or MISSING, _fmt(r.get("file_mb"), ".1f"),
+                     _fmt(r.get("bits_per_weight"), ".2f"), _fmt(r.get("ppl"), ".3f"), _fmt(dppl, "+.2f"),
+                     _fmt(r.get("kld"), ".5f"), _fmt(r.get("top1"), ".4f"), _fmt(r.get("prefill_tps"), ".1f"),
+                     _fmt(r.get("decode_tps"), ".1f"), _fmt(r.get("ttft_ms"), ".0f"), _fmt(r.get("peak_rss_mb"), ".0f")])
+    return table(body, ["ARTIFACT", "FORMAT", "QUANT", "MiB", "BPW", "PPL", "dPPL%", "KLD", "TOP1", "PREFILL t/s",
+                        "DECODE t/s", "TTFT ms", "RSS MiB"])
+
+
+@bench.command("compare")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write the size/accuracy/speed plot (PNG) here.")
+@click.option("--any-hardware", is_flag=True, help="Compare results from different machines too.")
+@common
+def bench_compare(refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> None:
+    """One table across formats from recorded results (dPPL% against the first REF), and a Pareto plot."""
+    from llmops.app.bench_flow import run_compare
+
+    r = run_compare(_state(), refs, plot, any_hardware)
+    out(r, lambda d: _bench_table(d["rows"], against_first=True) + (f"\nplot: {d['plot']}" if d["plot"] else ""))

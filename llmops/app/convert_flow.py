@@ -1,0 +1,118 @@
+"""``llmops convert``: convert, verify, then register with lineage and record the verification."""
+
+from __future__ import annotations
+
+import re
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from llmops.app.output import log
+from llmops.app.recording import eval_dataset_name, register_evaluation
+from llmops.core.errors import UsageError
+from llmops.registry.versions import run_of
+
+
+def run_convert(state, *, source: str, target: str, output: str | None, register_name: str | None, verify: bool,  # noqa: ANN001
+                calibration: str | None, device: str, eval_text: str | None, allow_nonfinite: bool,
+                threads: int | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert, verify, and (with ``register_name``) register with lineage: ``converted_from`` the
+    source, ``calibrated_with`` the calibration dataset (GPTQ), ``evaluated_on`` the eval text."""
+    from llmops.app.converting import convert
+    from llmops.converters.api import parse_target
+    from llmops.registry.refs import is_ref, validate_name
+
+    spec = parse_target(target)  # a bad --to fails before anything is read or written
+    if register_name:
+        validate_name(register_name, "model name")
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    if spec.format != "gptq" and (calibration or {"group_size", "act_order", "sym", "damp", "calibration_samples",
+                                                  "calibration_tokens"} & options.keys()):
+        raise UsageError("--calibration, --group-size, --act-order, --sym/--asym, --damp and --calibration-* "
+                         "apply to gptq targets only")
+    if spec.format != "onnx" and "block_size" in options:
+        raise UsageError("--block-size applies to onnx-int4 and onnx-int8 only")
+    store = state.store() if (register_name or is_ref(source) or (calibration and is_ref(calibration))) else None
+    if not is_ref(source) and not Path(source).exists():
+        raise UsageError(f"{source}: no such file or folder")
+    if calibration and not is_ref(calibration) and not Path(calibration).is_file():
+        raise UsageError(f"--calibration {calibration}: no such file")
+    ev = None
+    if verify or (spec.format == "gptq" and not calibration):
+        from llmops.core.evaltext import load_eval_text
+
+        ev = load_eval_text(eval_text, progress=log)
+        options.setdefault("eval_text_file", str(ev.path))
+
+    with ExitStack() as stack:
+        src_path: str | Path = source
+        if is_ref(source):
+            from llmops.registry.artifacts import materialize
+            from llmops.registry.versions import resolve_artifact
+
+            art = resolve_artifact(store, source)
+            src_path = stack.enter_context(materialize(art.uri, store.settings.tracking_uri))
+        calib_info = None
+        if calibration and is_ref(calibration):
+            from llmops.registry import datasets
+
+            calib_info = datasets.show(store, calibration)
+            options["calibration_file"] = str(stack.enter_context(datasets.local_copy(store, calibration)))
+        elif calibration:
+            options["calibration_file"] = str(Path(calibration).resolve())
+        record = convert(src_path, spec, output, verify=verify, eval_text=ev.text if (ev and verify) else None,
+                         allow_nonfinite=allow_nonfinite, threads=threads, device=device, options=options,
+                         progress=log)
+        result = record.to_dict()
+        result["registered"] = None
+        if register_name:
+            result["registered"] = _register_converted(store, record, register_name, source, target, device, threads,
+                                                       ev if verify else None, calib_info)
+    keys = ("output", "format", "quant", "sha256", "size_bytes", "seconds", "peak_rss_bytes", "bits_per_weight",
+            "verification", "registered", "parameters", "tool_versions")
+    return {k: result.get(k) for k in keys}
+
+
+def _register_converted(store, record, name: str, source: str, target: str, device: str, threads: int | None,  # noqa: ANN001
+                        ev, calib_info) -> dict[str, str]:  # noqa: ANN001
+    from llmops.benchmarks.runners import backend_for
+    from llmops.registry import datasets
+    from llmops.registry.refs import is_ref
+    from llmops.registry.versions import ParentSpec, register
+
+    parent = source if is_ref(source) else str(Path(source).resolve())
+    parents = [ParentSpec(parent, "converted_from", {"target": target})]
+    calib = record.parameters.get("calibration")
+    if isinstance(calib, dict):
+        # The calibration text becomes a dataset version (content-addressed: the same
+        # bytes are the same version), and the edge says exactly which part was used.
+        if calib_info is None:
+            cal_path = Path(calib["path"])
+            ds_name = (eval_dataset_name(ev) if ev is not None and cal_path == Path(ev.path)
+                       else re.sub(r"[^A-Za-z0-9._-]", "-", cal_path.stem)[:100] or "calibration")
+            calib_info = datasets.add(store, ds_name, cal_path, "calibration text used by llmops")
+        edge = {k: v for k, v in calib.items() if k != "path"}
+        parents.append(ParentSpec(calib_info.uri, "calibrated_with", {"dataset": calib_info.uri, **edge}))
+    params = {k: v for k, v in record.parameters.items() if not isinstance(v, dict)}
+    params.update(target=target, device=device)
+    log(f"registering {record.output} as {name}")
+    v = register(store, record.output, name, fmt=record.format, quant=record.quant,
+                 bits_per_weight=record.bits_per_weight, sha256=record.sha256, parents=parents,
+                 params=params, metrics=record.verification, tool_versions=record.tool_versions,
+                 command=f"convert --to {target}", tags=_extra_tags(record))
+    if calib_info is not None:
+        from llmops.registry.versions import resolve_model_version
+
+        mv = resolve_model_version(store, v.uri)
+        if run_of(mv):
+            datasets.log_use(store, run_of(mv), calib_info, "calibration")
+    if record.verification and ev is not None:
+        register_evaluation(store, name, v.version, ev, record.verification, backend_for(record.output), device,
+                            threads)
+    return {"name": v.name, "version": v.version, "uri": v.uri}
+
+
+def _extra_tags(record) -> dict[str, str]:  # noqa: ANN001
+    """Format-specific version tags (GPTQ's group size, ONNX's execution provider, ...)."""
+    keys = ("bits", "group_size", "act_order", "sym", "precision", "execution_provider", "opset", "block_size")
+    return {k: str(record.parameters[k]) for k in keys if record.parameters.get(k) is not None}
