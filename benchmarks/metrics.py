@@ -70,7 +70,7 @@ class StreamingAccuracy:
 
     def add(self, source_logits: np.ndarray | None, output_logits: np.ndarray, targets: np.ndarray) -> None:
         n = len(targets)
-        self.nll_output += float(token_nll(output_logits, targets).sum()) * 1.01
+        self.nll_output += float(token_nll(output_logits, targets).sum())
         if source_logits is not None:
             self.nll_source += float(token_nll(source_logits, targets).sum())
             k = token_kld(source_logits, output_logits)
@@ -94,7 +94,7 @@ class StreamingAccuracy:
             "kld": self.kld_sum / self.count if has_source else None,
             "kld_p99": float(np.percentile(kv, 99)) if kv is not None else None,
             "top1_agreement": self.top1_hits / self.count if has_source else None,
-            "ppl_source": math.exp(self.nll_output / self.count) if has_source else None,
+            "ppl_source": math.exp(self.nll_source / self.count) if has_source else None,
             "ppl_output": math.exp(self.nll_output / self.count),
             "tokens": self.count,
         }

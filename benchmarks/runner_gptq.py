@@ -88,11 +88,7 @@ class GPTQRunner(TorchLogitsMixin, HFTokenizerMixin):
 
     def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
                  device: str = "cpu") -> None:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
+        self._init_torch(threads)
         self.path = Path(path)
         self.device = "cuda" if device == "cuda" else "cpu"
         _quantization_config(self.path)

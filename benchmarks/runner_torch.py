@@ -15,6 +15,13 @@ class TorchLogitsMixin:
 
     device: str = "cpu"
 
+    def _init_torch(self, threads: int | None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+
     def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
         torch = self.torch
         n = len(tokens)
@@ -31,11 +38,7 @@ class TorchRunner(TorchLogitsMixin, HFTokenizerMixin):
 
     def __init__(self, path: str, n_ctx: int = 512, threads: int | None = None, vocab_only: bool = False,
                  device: str = "cpu") -> None:
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.torch = torch
+        self._init_torch(threads)
         self._load_tokenizer(path)
         if vocab_only:
             self.vocab_size = len(self.tokenizer)

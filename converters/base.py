@@ -9,6 +9,7 @@ into place) once it is satisfied, e.g. after verification, or discards.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,7 +71,9 @@ class Converter(Protocol):
 
 
 class ConverterOptions:
-    """The options every converter takes from ``llmops convert``, held in one place.
+    """The options every converter takes from ``llmops convert``, held in one place, and the
+    steps every converter takes: open the source, write it staged (:meth:`write`), describe
+    the staged output (:meth:`describe`); a description that fails removes the output.
 
     ``device`` is where the converter computes (GPTQ's calibration, the ONNX builder's
     execution provider); a converter that only runs on the CPU, as GGUF does, ignores it
@@ -80,6 +83,30 @@ class ConverterOptions:
         self.allow_nonfinite = allow_nonfinite
         self.threads = threads
         self.device = device
+
+    def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Progress) -> ArtifactRecord:
+        from llmops.core.checkpoint import Checkpoint, open_checkpoint
+
+        ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+        t0 = time.perf_counter()
+        res = self.write(ckpt, target, output, progress)
+        seconds = time.perf_counter() - t0
+        with discard_on_error(res.staged):
+            return self.describe(ckpt, target, res, seconds)
+
+    def write(self, ckpt: Any, target: TargetSpec, output: Path | None, progress: Progress) -> Any:
+        """Write the staged output; a result with ``path`` (the staged copy) and ``staged``."""
+        raise NotImplementedError
+
+    def describe(self, ckpt: Any, target: TargetSpec, res: Any, seconds: float) -> ArtifactRecord:
+        raise NotImplementedError
+
+
+def finish(result: Any, commit: bool) -> Any:
+    """A format's result, committed unless its caller will check it first (``commit=False``)."""
+    if commit and result.staged is not None:
+        result.path, result.staged = result.staged.commit(), None
+    return result
 
 
 def bits_per_weight(stored_tensor_bytes: int, parameter_count: int) -> float | None:

@@ -31,6 +31,8 @@ from typing import Any
 import gguf
 import numpy as np
 
+from llmops.converters.base import finish
+from llmops.converters.naming import model_metadata, output_stem
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
@@ -177,18 +179,8 @@ def _stream_tensor(ckpt: Checkpoint, family: Family, t: PlannedTensor, out: Stre
     out.end_tensor()
 
 
-def _metadata(ckpt: Checkpoint, w: gguf.GGUFWriter, total_params: int, shared: int, expert: int,
-              n_expert: int) -> gguf.Metadata:
-    md = gguf.Metadata.load(None, ckpt.root, None, total_params)
-    if md.name is None:
-        md.name = ckpt.root.name if ckpt.path.is_dir() else ckpt.path.stem
-    if md.size_label is None and total_params > 0:
-        md.size_label = gguf.size_label(total_params, shared, expert, n_expert)
-    return md
-
-
 def default_output_name(md: gguf.Metadata, quant: str) -> str:
-    return gguf.naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label, quant) + ".gguf"
+    return output_stem(md, quant) + ".gguf"
 
 
 def convert_to_gguf(
@@ -226,7 +218,7 @@ def convert_to_gguf(
         for t in tensors:
             out.add_tensor_plan(t.name, t.shape, t.qtype if use_final else t.base)
         total, shared, expert, n_exp = out.w.get_total_parameter_count()
-        md = _metadata(ckpt, out.w, total, shared, expert, n_exp)
+        md = model_metadata(ckpt, total, shared, expert, n_exp)
         w = out.w
         w.add_type(gguf.GGUFType.MODEL)
         md.set_gguf_meta_model(w)
@@ -275,9 +267,7 @@ def convert_to_gguf(
         size_label=md.size_label, data_bytes=sum(n for *_, n in out.plan),
         sha256=out.sha256 if one_pass else None, staged=staged,
     )
-    if commit:  # callers that check the output first pass commit=False and commit it themselves
-        result.path, result.staged = staged.commit(), None
-    return result
+    return finish(result, commit)
 
 
 def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out: StreamingGGUFWriter, path: Path,

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, discard_on_error
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight
 from llmops.core.toolversions import tool_versions
 
 
@@ -19,20 +18,13 @@ class GGUFConverter(ConverterOptions):
 
     format = "gguf"
 
-    def convert(self, source: Any, target: TargetSpec, output: Path | None,
-                progress: Callable[[str], None]) -> ArtifactRecord:
-        from llmops.core.checkpoint import Checkpoint, open_checkpoint
+    def write(self, ckpt: Any, target: TargetSpec, output: Path | None, progress: Callable[[str], None]) -> Any:
         from llmops.converters.gguf.convert import convert_to_gguf
 
-        ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-        t0 = time.perf_counter()
-        res = convert_to_gguf(ckpt, target.quant, output, allow_nonfinite=self.allow_nonfinite, commit=False,
-                              threads=self.threads, progress=progress)
-        seconds = time.perf_counter() - t0
-        with discard_on_error(res.staged):
-            return self._record(ckpt, target, res, seconds)
+        return convert_to_gguf(ckpt, target.quant, output, allow_nonfinite=self.allow_nonfinite, commit=False,
+                               threads=self.threads, progress=progress)
 
-    def _record(self, ckpt: Any, target: TargetSpec, res: Any, seconds: float) -> ArtifactRecord:
+    def describe(self, ckpt: Any, target: TargetSpec, res: Any, seconds: float) -> ArtifactRecord:
         from llmops.core.hashing import sha256_file
 
         return ArtifactRecord(

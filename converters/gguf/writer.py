@@ -6,21 +6,19 @@ at a time) instead of being held in memory until the end. Every tensor's shape
 and type is planned before the file is opened, which is what makes one pass
 possible.
 
-The file is written under a temporary name in the destination folder and renamed
-into place only when complete; any exception, KeyboardInterrupt included,
-removes it.
+The file the writer fills is a staged output (``llmops.core.atomic``): it is renamed into
+place only when complete (and, with ``--verify``, checked); any exception,
+KeyboardInterrupt included, removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import queue
 import struct
-import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,33 +29,6 @@ from llmops.converters.gguf.quantize import nbytes as q_nbytes
 from llmops.core.errors import LLMOpsError
 
 QT = gguf.GGMLQuantizationType
-
-
-@contextlib.contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest``; rename it to ``dest`` on success, delete it otherwise."""
-    folder = dest.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=folder)
-        os.close(fd)
-    except OSError as e:
-        raise LLMOpsError(f"cannot write to {folder}: {e.strerror or e}") from None
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o644 & ~_umask())
-        os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
-
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
 
 
 class _Writer(gguf.GGUFWriter):

@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, discard_on_error
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, finish
 from llmops.core.atomic import Staged, staged_folder
 from llmops.core.toolversions import tool_versions
-from llmops.core.checkpoint import Checkpoint, open_checkpoint
+from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import stored_tensor_bytes
 from llmops.converters.gptq.calibration import Calibration, build_calibration
 from llmops.converters.gptq.layout import TOKENIZER_FILES, check_output, finish_folder, quantized_tensor_stats
@@ -135,24 +135,9 @@ def resolve_destination(output: Path | None, name: str) -> Path:
 
 
 def _stage_source(ckpt: Checkpoint, scratch: Path) -> Path:
-    """An HF safetensors folder GPTQModel can load, for sources that are not one already.
-
-    Pickled checkpoints are read through the shared weights-only loader and rewritten
-    as safetensors, so no loader further down ever unpickles the user's file.
-    """
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    if ckpt.kind == "safetensors" and ckpt.path.is_dir():
-        return ckpt.root
-    staged = scratch / "source"
-    staged.mkdir()
-    for f in ckpt.root.iterdir():
-        if f.is_file() and (f.name in TOKENIZER_FILES or f.name in ("config.json", "generation_config.json")):
-            shutil.copy2(f, staged / f.name)
-    tensors = {n: np.ascontiguousarray(ckpt.float32(n)) for n in ckpt.names() if ckpt.info(n).is_float}
-    save_file(tensors, str(staged / "model.safetensors"), metadata={"format": "pt"})
-    return staged
+    """An HF safetensors folder GPTQModel can load (float32 weights for what is not one already)."""
+    return ckpt.as_safetensors_folder(scratch / "source", (*TOKENIZER_FILES, "config.json", "generation_config.json"),
+                                      float32=True)
 
 
 def convert_to_gptq(
@@ -241,9 +226,7 @@ def convert_to_gptq(
                       sym=sym, damp=damp_used, method=method, plan=plan, calibration=calib,
                       quantized_bytes=q_bytes, quantized_params=q_params, quantized_modules=q_modules,
                       extra={"worker_peak_rss_bytes": worker_rss})
-    if commit:  # callers that check the output first pass commit=False and commit it themselves
-        result.path, result.staged = staged.commit(), None
-    return result
+    return finish(result, commit)
 
 
 def _run_worker(job: dict[str, Any], scratch: Path, say: Progress) -> dict[str, Any]:
@@ -268,19 +251,14 @@ class GPTQConverter(ConverterOptions):
 
     format = "gptq"
 
-    def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Progress) -> ArtifactRecord:
-        ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-        bits = int(target.options.get("bits") or int(target.quant.removesuffix("bit")))
-        t0 = time.perf_counter()
-        res = convert_to_gptq(ckpt, bits, output, target.options, allow_nonfinite=self.allow_nonfinite, commit=False,
-                              threads=self.threads, device=self.device, progress=progress)
-        seconds = time.perf_counter() - t0
-        with discard_on_error(res.staged):
-            return self._record(ckpt, target, res, bits, seconds)
+    def write(self, ckpt: Checkpoint, target: TargetSpec, output: Path | None, progress: Progress) -> GPTQResult:
+        return convert_to_gptq(ckpt, _bits(target), output, target.options, allow_nonfinite=self.allow_nonfinite,
+                               commit=False, threads=self.threads, device=self.device, progress=progress)
 
-    def _record(self, ckpt: Checkpoint, target: TargetSpec, res: GPTQResult, bits: int,
-                seconds: float) -> ArtifactRecord:
+    def describe(self, ckpt: Checkpoint, target: TargetSpec, res: GPTQResult, seconds: float) -> ArtifactRecord:
         from llmops.core.hashing import sha256_path, size_of
+
+        bits = _bits(target)
 
         worker_rss = res.extra.get("worker_peak_rss_bytes")
         versions = tool_versions("gptqmodel", "optimum")
@@ -318,3 +296,6 @@ class GPTQConverter(ConverterOptions):
             staged=res.staged,
         )
 
+
+def _bits(target: TargetSpec) -> int:
+    return int(target.options.get("bits") or int(target.quant.removesuffix("bit")))

@@ -11,12 +11,11 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError
+from llmops.core.quiet import root_logging_kept
 
 Progress = Callable[[str], None]
 
@@ -30,40 +29,11 @@ _SIDE_FILES = (
 
 
 def builder_input(ckpt: Checkpoint, work: Path, say: Progress) -> Path:
-    """A Hugging Face folder the builder can load with ``from_pretrained``.
-
-    A safetensors folder is used as it is. A bare weights file or a (weights-only) pickle is
-    staged as a folder of links to the config and tokenizer files plus one
-    ``model.safetensors``, so the builder never unpickles anything itself.
-    """
-    if ckpt.kind == "safetensors" and ckpt.path.is_dir():
-        return ckpt.root
-    src = work / "source"
-    src.mkdir()
-    for name in _SIDE_FILES:
-        p = ckpt.root / name
-        if p.is_file():
-            os.symlink(p.resolve(), src / name)
-    if ckpt.kind == "safetensors" and len(ckpt.files) == 1:
-        os.symlink(ckpt.files[0].resolve(), src / "model.safetensors")
-        return src
-    import torch
-    from safetensors.torch import save_file
-
-    say("staging the weights as safetensors for the builder")
-    tensors: dict[str, Any] = {}
-    for name in ckpt.names():
-        info = ckpt.info(name)
-        arr = np.ascontiguousarray(ckpt.raw(name))
-        t = torch.from_numpy(arr.copy())
-        if info.dtype == "BF16":
-            t = t.view(torch.bfloat16)
-        elif info.dtype in ("F8_E4M3", "F8_E5M2"):
-            t = torch.from_numpy(ckpt.float32(name).copy())
-        tensors[name] = t
-    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
-    ckpt.close()
-    return src
+    """A Hugging Face folder the builder can load with ``from_pretrained``: a safetensors folder
+    as it is, anything else staged as one (``Checkpoint.as_safetensors_folder``)."""
+    if not (ckpt.kind == "safetensors" and ckpt.path.is_dir()):
+        say("staging the weights as safetensors for the builder")
+    return ckpt.as_safetensors_folder(work / "source", _SIDE_FILES)
 
 
 class _ProgressLines(io.TextIOBase):
@@ -121,22 +91,13 @@ def _quiet_logging() -> Iterator[Callable[[], None]]:
     of the process. The context yields ``restore``, called right after the import and again
     on exit: the root logger gets its handlers and level back, the quantizer keeps to warnings.
     """
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
     quant = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     quant_level = quant.level
-
-    def restore() -> None:
-        for h in root.handlers[:]:
-            if h not in handlers:
-                root.removeHandler(h)
-        root.setLevel(level)
-
     try:
         quant.setLevel(logging.WARNING)
-        yield restore
+        with root_logging_kept() as restore:
+            yield restore
     finally:
-        restore()
         quant.setLevel(quant_level)
 
 

@@ -37,12 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, discard_on_error
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, finish
+from llmops.converters.naming import model_metadata, output_stem
 from llmops.converters.onnx.builder import builder_input, copy_chat_template, inspect_model, run_builder
 from llmops.converters.onnx.checks import PROVIDERS, architecture_of, builder_options, check_finite
 from llmops.converters.onnx.targets import TARGETS
 from llmops.core.atomic import Staged, staged_folder
-from llmops.core.checkpoint import Checkpoint, open_checkpoint
+from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError, UsageError
 from llmops.core.toolversions import tool_versions
 
@@ -73,23 +74,13 @@ class OnnxResult:
 
 def model_name(ckpt: Checkpoint) -> tuple[str, str | None, str | None, str | None, str | None]:
     """(name, basename, finetune, version, size label) as the GGUF converter derives them."""
-    import gguf
-
-    total = ckpt.parameter_count()
-    md = gguf.Metadata.load(None, ckpt.root, None, total)
-    if md.name is None:
-        md.name = ckpt.root.name if ckpt.path.is_dir() else ckpt.path.stem
-    if md.size_label is None and total > 0:
-        md.size_label = gguf.size_label(total, 0, 0, 0)
+    md = model_metadata(ckpt)
     return str(md.name), md.basename, md.finetune, md.version, md.size_label
 
 
 def default_output_name(ckpt: Checkpoint, target: str) -> str:
     """``SmolLM2-135M-Instruct-onnx-int4``: GGUF's naming convention with the --to value as the suffix."""
-    import gguf
-
-    name, basename, finetune, version, size_label = model_name(ckpt)
-    return gguf.naming_convention(name, basename, finetune, version, size_label, None) + f"-{target}"
+    return output_stem(model_metadata(ckpt), None) + f"-{target}"
 
 
 def is_onnx_folder(path: Path) -> bool:
@@ -161,9 +152,7 @@ def convert_to_onnx(
         genai={"type": model.get("type"), "context_length": model.get("context_length"),
                "vocab_size": model.get("vocab_size")},
     )
-    if commit:  # callers that check the output first pass commit=False and commit it themselves
-        result.path, result.staged = staged.commit(), None
-    return result
+    return finish(result, commit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,17 +168,12 @@ class OnnxConverter(ConverterOptions):
 
     format = "onnx"
 
-    def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Progress) -> ArtifactRecord:
-        ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
-        t0 = time.perf_counter()
-        res = convert_to_onnx(ckpt, target.quant, output, target=target.options.get("target"), device=self.device, commit=False,
-                              options=target.options, allow_nonfinite=self.allow_nonfinite, threads=self.threads,
-                              progress=progress)
-        seconds = time.perf_counter() - t0
-        with discard_on_error(res.staged):
-            return self._record(ckpt, target, res, seconds)
+    def write(self, ckpt: Checkpoint, target: TargetSpec, output: Path | None, progress: Progress) -> OnnxResult:
+        return convert_to_onnx(ckpt, target.quant, output, target=target.options.get("target"), device=self.device,
+                               commit=False, options=target.options, allow_nonfinite=self.allow_nonfinite,
+                               threads=self.threads, progress=progress)
 
-    def _record(self, ckpt: Checkpoint, target: TargetSpec, res: OnnxResult, seconds: float) -> ArtifactRecord:
+    def describe(self, ckpt: Checkpoint, target: TargetSpec, res: OnnxResult, seconds: float) -> ArtifactRecord:
         from llmops.core.hashing import sha256_path, size_of
 
         return ArtifactRecord(

@@ -229,6 +229,41 @@ class Checkpoint:
         assert self._pickle_sd is not None
         return self._pickle_sd[name]
 
+    def as_safetensors_folder(self, dest: Path, side_files: tuple[str, ...], *, float32: bool = False) -> Path:
+        """A Hugging Face folder with safetensors weights holding this checkpoint, for a library
+        that loads folders with ``from_pretrained`` (the ONNX builder, GPTQModel): the checkpoint's
+        own folder when it is one already, else ``dest`` with links to ``side_files`` (config,
+        tokenizer) and one ``model.safetensors``. Pickles are read by our weights-only loader, so
+        the library never unpickles the user's file. ``float32``: floating-point tensors only,
+        decoded to float32; otherwise every tensor in its own dtype."""
+        if self.kind == "safetensors" and self.path.is_dir():
+            return self.root
+        dest.mkdir()
+        for name in side_files:
+            p = self.root / name
+            if p.is_file():
+                os.symlink(p.resolve(), dest / name)
+        if self.kind == "safetensors" and len(self.files) == 1 and not float32:
+            os.symlink(self.files[0].resolve(), dest / "model.safetensors")
+            return dest
+        import torch
+        from safetensors.torch import save_file
+
+        tensors: dict[str, Any] = {}
+        for name in self.names():
+            info = self.info(name)
+            if float32 or info.dtype in ("F8_E4M3", "F8_E5M2"):
+                if info.is_float:
+                    tensors[name] = torch.from_numpy(np.ascontiguousarray(self.float32(name)).copy())
+                elif not float32:
+                    tensors[name] = torch.from_numpy(np.ascontiguousarray(self.raw(name)).copy())
+                continue
+            t = torch.from_numpy(np.ascontiguousarray(self.raw(name)).copy())
+            tensors[name] = t.view(torch.bfloat16) if info.dtype == "BF16" else t
+        save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+        self.close()
+        return dest
+
     def close(self) -> None:
         self._pickle_sd = None
         self._pickle_file = None
@@ -259,32 +294,27 @@ def _shard_files(folder: Path, index: Path, weight_map: Any) -> list[Path]:
     return files
 
 
+# Where a Hugging Face folder keeps its weights, in the order transformers looks:
+# (index file, glob when there is no index, kind)
+_LAYOUTS = (
+    ("model.safetensors.index.json", ("*.safetensors",), "safetensors"),
+    ("pytorch_model.bin.index.json", ("pytorch_model*.bin", "*.pth", "*.pt"), "pickle"),
+)
+
+
 def _weight_files(folder: Path) -> tuple[list[Path], str]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except Exception:  # noqa: BLE001
-            raise LLMOpsError(f"{index}: corrupt index (no 'weight_map' object)") from None
-        files = _shard_files(folder, index, wm)
-        return sorted(files), "safetensors"
-    st = sorted(folder.glob("*.safetensors"))
-    if st:
-        return st, "safetensors"
-    pt_index = folder / "pytorch_model.bin.index.json"
-    if pt_index.is_file():
-        try:
-            wm = json.loads(pt_index.read_text(encoding="utf-8"))["weight_map"]
-        except Exception:  # noqa: BLE001
-            raise LLMOpsError(f"{pt_index}: corrupt index (no 'weight_map' object)") from None
-        files = _shard_files(folder, pt_index, wm)
-        return sorted(files), "pickle"
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if bins:
-        return bins, "pickle"
-    pths = sorted(folder.glob("*.pth")) or sorted(folder.glob("*.pt"))
-    if pths:
-        return pths, "pickle"
+    for index_name, globs, kind in _LAYOUTS:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except Exception:  # noqa: BLE001
+                raise LLMOpsError(f"{index}: corrupt index (no 'weight_map' object)") from None
+            return sorted(_shard_files(folder, index, wm)), kind
+        for pattern in globs:
+            found = sorted(folder.glob(pattern))
+            if found:
+                return found, kind
     raise LLMOpsError(f"{folder}: no weights found (expected *.safetensors, pytorch_model*.bin or *.pth)")
 
 

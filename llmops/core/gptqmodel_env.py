@@ -11,12 +11,13 @@ one quiet import, which sets the environment first and puts logging back as it w
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
+
+from llmops.core.quiet import root_logging_kept
 
 _lock = threading.Lock()
 _imported = False
@@ -44,20 +45,13 @@ def import_gptqmodel() -> Any:
 
             return gptqmodel
         configure_environment()
-        root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
         try:
-            with _stdout_to(os.devnull):
+            with root_logging_kept(), _stdout_to(os.devnull):
                 import gptqmodel
         except ImportError as e:
             from llmops.core.errors import NotAvailable
 
             raise NotAvailable(f"GPTQ conversion needs gptqmodel ({e})") from None
-        finally:
-            for h in root.handlers[:]:
-                if h not in handlers:
-                    root.removeHandler(h)
-            root.setLevel(level)
         _imported = True
         return gptqmodel
 
