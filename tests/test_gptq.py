@@ -163,15 +163,34 @@ def test_4bit_record_and_layout(converted: Callable[..., Any], calib: Path,
     out = rec.output
     assert (rec.format, rec.quant) == ("gptq", "4bit")
     assert rec.sha256 == sha256_path(out) and rec.size_bytes == size_of(out)
-    # 4 bits + fp16 scale and 4-bit zero per 128 weights + an int32 g_idx per input row
-    assert 4.15 < rec.bits_per_weight < 4.4
     p = rec.parameters
+    # the quantized layers: 4 bits + fp16 scale and 4-bit zero per 128 weights + an int32 g_idx per input row
+    assert 4.15 < p["quantized_bits_per_weight"] < 4.4
+    # bits per weight, the one definition for every format: every stored tensor over the source's parameters
+    from safetensors.numpy import load_file
+
+    from llmops.core.checkpoint import open_checkpoint
+
+    stored = sum(a.nbytes for f in out.glob("*.safetensors") for a in load_file(str(f)).values())
+    params = open_checkpoint(tiny_models("qwen3")).parameter_count()
+    assert rec.bits_per_weight == round(stored * 8 / params, 4)
+    assert rec.bits_per_weight > p["quantized_bits_per_weight"]  # fp16 embeddings and norms count too
     assert (p["bits"], p["group_size"], p["requested_group_size"], p["act_order"], p["sym"]) == (4, 128, 128,
                                                                                                   False, True)
     assert p["architecture"] == "Qwen3ForCausalLM" and p["damp"] > 0 and p["quantized_modules"] == 14
+    end = p["calibration"]["char_end"]
     assert p["calibration"] == {"path": str(calib.resolve()), "sha256": sha256_file(calib), "char_offset": 0,
-                                "char_end": p["calibration"]["char_end"], "samples": 8, "tokens_per_sample": 64,
-                                "source": "file"}
+                                "char_end": end, "samples": 8, "tokens_per_sample": 64, "source": "file"}
+    # char_end is where the 8 x 64 calibration tokens end: exactly those characters give the first 512
+    # tokens of the whole file, and one character fewer gives a different (shorter or changed) sequence
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models("qwen3"))
+    text = calib.read_text(encoding="utf-8")
+    first = tok(text, add_special_tokens=False)["input_ids"][:8 * 64]
+    assert len(first) == 8 * 64 and 0 < end < len(text)
+    assert tok(text[:end], add_special_tokens=False)["input_ids"] == first
+    assert tok(text[:end - 1], add_special_tokens=False)["input_ids"] != first
     assert {"gptqmodel", "optimum", "torch", "transformers"} <= set(rec.tool_versions)
     assert rec.tool_versions["gptqmodel"].startswith("7.6")
     # one progress line per decoder layer
@@ -244,7 +263,8 @@ def test_rtn_weights_within_half_a_step(converted: Callable[..., Any], tiny_mode
 def test_8bit(llama_8bit_verified: Any, tiny_models: Callable[[str], Path]) -> None:
     rec, _ = llama_8bit_verified
     assert (rec.quant, rec.parameters["bits"]) == ("8bit", 8)
-    assert 8.15 < rec.bits_per_weight < 8.5
+    assert 8.15 < rec.parameters["quantized_bits_per_weight"] < 8.5
+    assert rec.bits_per_weight > rec.parameters["quantized_bits_per_weight"]  # embeddings and norms count too
     worst, mean, abs8 = _max_and_mean_steps(tiny_models("llama"), rec.output)
     assert worst <= GPTQ_MAX_STEPS and mean <= GPTQ_MEAN_STEPS
     # 255 levels instead of 15: the error is about 17 times finer than 4-bit's (~15% of the mean |w|)
@@ -330,7 +350,9 @@ def test_verification(llama_8bit_verified: Any) -> None:
     v = rec.verification
     assert v is not None and rec.parameters["verification"]["chunks"] == 4
     assert any("with gptq" in ln for ln in lines)
-    assert v["kld"] < 0.01 and v["top1_agreement"] > 0.9
+    # 8-bit is still lossy: a KL-divergence of exactly 0 means the output was compared with the source itself
+    assert 0 < v["kld"] < 0.01 and v["top1_agreement"] > 0.9
+    assert v["ppl_output"] != v["ppl_source"]
     assert abs(np.log(v["ppl_output"] / v["ppl_source"])) < 0.05
 
 

@@ -21,8 +21,10 @@ Type choice mirrors llama.cpp's documented pipeline so the bytes are the same:
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ QT = gguf.GGMLQuantizationType
 Progress = Callable[[str], None]
 
 CHUNK_BYTES = 16 << 20  # float32 bytes decoded at once for row-wise tensors
+PREFETCH_CHUNKS = 2  # decoded chunks the reader thread may hold ahead of the quantizer
 
 
 @dataclass
@@ -150,35 +153,6 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return _POOLS[n]
 
 
-def _stream_tensor(ckpt: Checkpoint, family: Family, t: PlannedTensor, out: StreamingGGUFWriter,
-                   allow_nonfinite: bool, threads: int) -> None:
-    if t.data is not None:
-        out.write(_encode(t.data.astype(np.float32), t.qtype, t.base, threads))
-        out.end_tensor()
-        return
-    assert t.src is not None
-    info = ckpt.info(t.src)
-    rows = t.shape[0] if len(t.shape) >= 1 else 1
-    block = family.row_block(t.src)
-    row_elems = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
-    if block is None or len(t.shape) < 2:
-        step = rows
-    else:
-        step = max(block, (CHUNK_BYTES // max(1, row_elems * 4)) // block * block)
-    for a in range(0, max(rows, 1), max(step, 1)):
-        b = min(rows, a + step)
-        whole = a == 0 and b == rows
-        x = ckpt.float32(t.src, None if whole or len(t.shape) < 2 else (a, b))
-        if len(t.shape) == 0:
-            x = x.reshape(())
-        if not allow_nonfinite:
-            refuse_nonfinite(t.src, x, (a, b))
-        x = family.transform(t.src, x, info.dtype)
-        out.write(_encode(x, t.qtype, t.base, threads))
-        del x
-    out.end_tensor()
-
-
 def default_output_name(md: gguf.Metadata, quant: str) -> str:
     return output_stem(md, quant) + ".gguf"
 
@@ -270,14 +244,101 @@ def convert_to_gguf(
     return finish(result, commit)
 
 
+def _source_chunks(ckpt: Checkpoint, family: Family, t: PlannedTensor,
+                   allow_nonfinite: bool) -> Iterator[np.ndarray]:
+    """A planned tensor as float32 row blocks, read, decoded, checked and transformed: the part of
+    the work that does not depend on the output type, so it can run ahead of the quantizer."""
+    if t.data is not None:
+        yield t.data.astype(np.float32)
+        return
+    assert t.src is not None
+    info = ckpt.info(t.src)
+    rows = t.shape[0] if len(t.shape) >= 1 else 1
+    block = family.row_block(t.src)
+    row_elems = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
+    if block is None or len(t.shape) < 2:
+        step = rows
+    else:
+        step = max(block, (CHUNK_BYTES // max(1, row_elems * 4)) // block * block)
+    for a in range(0, max(rows, 1), max(step, 1)):
+        b = min(rows, a + step)
+        whole = a == 0 and b == rows
+        x = ckpt.float32(t.src, None if whole or len(t.shape) < 2 else (a, b))
+        if len(t.shape) == 0:
+            x = x.reshape(())
+        if not allow_nonfinite:
+            refuse_nonfinite(t.src, x, (a, b))
+        yield family.transform(t.src, x, info.dtype)
+
+
+_END = object()  # marks the end of one tensor's chunks in the prefetch queue
+
+
+def _prefetched(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], allow_nonfinite: bool,
+                depth: int = PREFETCH_CHUNKS) -> Iterator[Any]:
+    """Every tensor's chunks in plan order, each tensor followed by ``_END``, produced by a reader
+    thread up to ``depth`` chunks ahead of the consumer.
+
+    Reading and bf16 decoding (memory-bound numpy, which releases the GIL) overlap with the
+    quantizer of the previous chunk; the order of the bytes is the plan's, so the file is the
+    same. Memory stays bounded by ``depth`` chunks of ``CHUNK_BYTES``. A reader error is raised
+    in the consumer; a consumer that stops (error, Ctrl-C) stops the reader."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for t in plan:
+                for x in _source_chunks(ckpt, family, t, allow_nonfinite):
+                    if not put(x):
+                        return
+                if not put(_END):
+                    return
+            put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(e)
+
+    reader = threading.Thread(target=read, name="llmops-gguf-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+
+
 def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out: StreamingGGUFWriter, path: Path,
                allow_nonfinite: bool, threads: int, say: Progress) -> None:
     try:
         out.open(path)
         n = len(plan)
-        for i, t in enumerate(plan, 1):
-            say(f"[{i}/{n}] {t.name} {list(reversed(t.shape))} -> {t.qtype.name}")
-            _stream_tensor(ckpt, family, t, out, allow_nonfinite, threads)
+        chunks = _prefetched(ckpt, family, plan, allow_nonfinite)
+        try:
+            for i, t in enumerate(plan, 1):
+                say(f"[{i}/{n}] {t.name} {list(reversed(t.shape))} -> {t.qtype.name}")
+                for x in chunks:
+                    if x is _END:
+                        break
+                    out.write(_encode(x, t.qtype, t.base, threads))
+                    del x
+                out.end_tensor()
+        finally:
+            chunks.close()  # stops the reader thread
         out.close()
     except BaseException:
         out.abort()

@@ -13,7 +13,7 @@ import sys
 
 import click
 
-from llmops.app.cli import convert_cmds, registry_cmds, server_cmds  # noqa: F401 - they register the commands
+from llmops.app.cli import convert_cmds, registry_cmds, serve_cmds, server_cmds  # noqa: F401 - they register commands
 from llmops.app.cli.base import cli
 from llmops.app.output import emit, log
 from llmops.core.errors import LLMOpsError

@@ -1,0 +1,3 @@
+"""``llmops serve``, ``llmops monitor`` and ``llmops rollback``."""
+
+from __future__ import annotations

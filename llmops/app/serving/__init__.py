@@ -1,0 +1,1 @@
+"""llmops serve: an OpenAI-compatible server for what a registry alias holds."""
