@@ -67,7 +67,11 @@ def load_torch_model(path: str) -> Any:
         from llmops.core.checkpoint import open_checkpoint
 
         ckpt = open_checkpoint(p)
-        config = AutoConfig.from_pretrained(ckpt.root)
+        if (ckpt.root / "config.json").is_file():
+            config = AutoConfig.from_pretrained(ckpt.root)
+        else:  # a layout whose config is derived (Meta's params.json): the view's config
+            cfg = {k: v for k, v in ckpt.config.items() if k not in ("architectures", "torch_dtype")}
+            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         sd = {n: torch.from_numpy(np.array(ckpt.float32(n))) for n in ckpt.names()}
         missing = list(model.load_state_dict(sd, strict=False).missing_keys)

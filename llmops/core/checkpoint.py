@@ -124,14 +124,22 @@ class Checkpoint:
         self.root = root  # folder holding config.json and the tokenizer files
         self.config = config
         self.files = files
-        self.kind = kind  # "safetensors" or "pickle"
+        self.kind = kind  # "safetensors", "pickle" or "meta" (a view, llmops.core.layouts)
         self._infos: dict[str, TensorInfo] = {}
         self._pickle_file: Path | None = None
         self._pickle_sd: dict[str, Any] | None = None
+        self._layout: Any = None
         if kind == "safetensors":
             for f in files:
                 for info in read_safetensors_header(f):
                     self._infos[info.name] = info
+        elif kind == "meta":
+            from llmops.core.layouts import MetaLayout
+
+            self._layout = MetaLayout(root)
+            self._infos = dict(self._layout.infos)
+            self.config = self._layout.config
+            self.files = list(self._layout.files)
         else:
             for f in files:
                 for name, t in load_weights_pickle(f).items():
@@ -183,6 +191,8 @@ class Checkpoint:
                 return np.zeros(shape, dtype=npdt)
             # the array keeps the mapping alive; it is unmapped when the array goes
             return np.frombuffer(mm, dtype=npdt, count=nbytes // itemsize, offset=delta).reshape(shape)
+        if self._layout is not None:
+            return self._layout.readers[name](rows)
         t = self._pickle_tensor(name)
         if rows is not None:
             t = t[rows[0]:rows[1]]
@@ -243,6 +253,8 @@ class Checkpoint:
             p = self.root / name
             if p.is_file():
                 os.symlink(p.resolve(), dest / name)
+        if not (dest / "config.json").exists():  # a layout whose config is derived (Meta's params.json)
+            (dest / "config.json").write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
         if self.kind == "safetensors" and len(self.files) == 1 and not float32:
             os.symlink(self.files[0].resolve(), dest / "model.safetensors")
             return dest
@@ -265,6 +277,8 @@ class Checkpoint:
         return dest
 
     def close(self) -> None:
+        if self._layout is not None:
+            self._layout.close()
         self._pickle_sd = None
         self._pickle_file = None
 
@@ -323,6 +337,11 @@ def open_checkpoint(source: str | os.PathLike[str], *, validate: bool = True) ->
     path = Path(source).expanduser()
     if not path.exists():
         raise LLMOpsError(f"{path}: no such file or folder")
+    from llmops.core.layouts import is_meta_layout
+
+    if is_meta_layout(path if path.is_dir() else path.parent):
+        root = path if path.is_dir() else path.parent
+        return Checkpoint(path, root, {}, [], "meta")
     if path.is_dir():
         root = path
         files, kind = _weight_files(path)
