@@ -39,11 +39,13 @@ def run_measured(cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
     total, peak = 0.0, 0
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     for cmd in cmds:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(p.pid, 0)
-        total += time.perf_counter() - t0
-        err = p.stderr.read().decode("utf-8", "replace") if p.stderr else ""
+        with tempfile.TemporaryFile() as errf:  # a file, not a pipe: a chatty child cannot block on it
+            t0 = time.perf_counter()
+            p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=errf)
+            _, status, ru = os.wait4(p.pid, 0)
+            total += time.perf_counter() - t0
+            errf.seek(0)
+            err = errf.read().decode("utf-8", "replace")
         p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode != 0:
             raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-2000:]}")

@@ -186,3 +186,70 @@ def test_a_meta_pickle_that_would_run_code_is_refused(tiny_models, tmp_path: Pat
     with pytest.raises(LLMOpsError, match="refusing"):
         open_checkpoint(meta)
     assert not marker.exists()
+
+
+# -- litgpt: lit_model.pth + model_config.yaml -----------------------------------------------------
+
+
+def litgpt_checkpoint(hf: Path, dest: Path, *, legacy: bool = False) -> Path:
+    """The tiny Hugging Face llama as litgpt saves it: fused QKV ([q; k; v], or per query group
+    [q x q_per_kv, k, v] for the older ``attn.attn``), ``transformer.h.N`` names, a yaml config."""
+    import torch
+    import yaml
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(hf / "model.safetensors"))
+    cfg = json.loads((hf / "config.json").read_text())
+    hd = cfg["hidden_size"] // N_HEADS
+    lit: dict[str, np.ndarray] = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+                                  "transformer.ln_f.weight": sd["model.norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg["num_hidden_layers"]):
+        p, m = f"model.layers.{i}.", f"transformer.h.{i}."
+        q, k, v = (sd[p + f"self_attn.{x}_proj.weight"] for x in "qkv")
+        if legacy:
+            per = N_HEADS // N_KV
+            groups = [np.concatenate([q[g * per * hd:(g + 1) * per * hd], k[g * hd:(g + 1) * hd],
+                                      v[g * hd:(g + 1) * hd]]) for g in range(N_KV)]
+            lit[m + "attn.attn.weight"] = np.concatenate(groups)
+        else:
+            lit[m + "attn.qkv.weight"] = np.concatenate([q, k, v])
+        lit[m + "attn.proj.weight"] = sd[p + "self_attn.o_proj.weight"]
+        lit[m + "mlp.fc_1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        lit[m + "mlp.fc_2.weight"] = sd[p + "mlp.up_proj.weight"]
+        lit[m + "mlp.proj.weight"] = sd[p + "mlp.down_proj.weight"]
+        lit[m + "norm_1.weight"] = sd[p + "input_layernorm.weight"]
+        lit[m + "norm_2.weight"] = sd[p + "post_attention_layernorm.weight"]
+    dest.mkdir(parents=True)
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in lit.items()}, dest / "lit_model.pth")
+    (dest / "model_config.yaml").write_text(yaml.safe_dump({
+        "name": "tiny", "block_size": cfg["max_position_embeddings"], "vocab_size": cfg["vocab_size"],
+        "padded_vocab_size": cfg["vocab_size"], "n_layer": cfg["num_hidden_layers"], "n_head": N_HEADS,
+        "n_query_groups": N_KV, "n_embd": cfg["hidden_size"], "head_size": hd, "rotary_percentage": 1.0,
+        "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP",
+        "intermediate_size": cfg["intermediate_size"], "norm_eps": cfg["rms_norm_eps"],
+        "rope_base": int((cfg.get("rope_parameters") or cfg)["rope_theta"])}))
+    for name in TOKENIZER_FILES:
+        if (hf / name).is_file():
+            shutil.copyfile(hf / name, dest / name)
+    return dest
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_litgpt_converts_to_the_same_bytes(tiny_models, tmp_path: Path, legacy: bool) -> None:
+    from llmops.app.converting import convert
+
+    hf = _hf_copy(tiny_models("llama"), tmp_path / "hf" / "tiny")
+    lit = litgpt_checkpoint(tiny_models("llama"), tmp_path / "lit" / "tiny", legacy=legacy)
+    a = convert(hf, "gguf-q8_0", tmp_path / "a.gguf", verify=False)
+    b = convert(lit, "gguf-q8_0", tmp_path / "b.gguf", verify=False)
+    assert a.output.read_bytes() == b.output.read_bytes()
+
+
+def test_litgpt_of_another_family_is_refused(tiny_models, tmp_path: Path) -> None:
+    from llmops.core.checkpoint import open_checkpoint
+
+    lit = litgpt_checkpoint(tiny_models("llama"), tmp_path / "lit")
+    cfg = (lit / "model_config.yaml").read_text().replace("parallel_residual: false", "parallel_residual: true")
+    (lit / "model_config.yaml").write_text(cfg)
+    with pytest.raises(LLMOpsError, match="parallel_residual=True is not supported"):
+        open_checkpoint(lit)

@@ -124,7 +124,7 @@ class Checkpoint:
         self.root = root  # folder holding config.json and the tokenizer files
         self.config = config
         self.files = files
-        self.kind = kind  # "safetensors", "pickle" or "meta" (a view, llmops.core.layouts)
+        self.kind = kind  # "safetensors", "pickle" or "meta" or "litgpt" (views, llmops.core.layouts)
         self._infos: dict[str, TensorInfo] = {}
         self._pickle_file: Path | None = None
         self._pickle_sd: dict[str, Any] | None = None
@@ -133,10 +133,10 @@ class Checkpoint:
             for f in files:
                 for info in read_safetensors_header(f):
                     self._infos[info.name] = info
-        elif kind == "meta":
-            from llmops.core.layouts import MetaLayout
+        elif kind in ("meta", "litgpt"):
+            from llmops.core.layouts import LitGPTLayout, MetaLayout
 
-            self._layout = MetaLayout(root)
+            self._layout = MetaLayout(root) if kind == "meta" else LitGPTLayout(root)
             self._infos = dict(self._layout.infos)
             self.config = self._layout.config
             self.files = list(self._layout.files)
@@ -337,11 +337,13 @@ def open_checkpoint(source: str | os.PathLike[str], *, validate: bool = True) ->
     path = Path(source).expanduser()
     if not path.exists():
         raise LLMOpsError(f"{path}: no such file or folder")
-    from llmops.core.layouts import is_meta_layout
+    from llmops.core.layouts import is_litgpt_layout, is_meta_layout
 
-    if is_meta_layout(path if path.is_dir() else path.parent):
-        root = path if path.is_dir() else path.parent
-        return Checkpoint(path, root, {}, [], "meta")
+    folder = path if path.is_dir() else path.parent
+    if is_meta_layout(folder):
+        return Checkpoint(path, folder, {}, [], "meta")
+    if is_litgpt_layout(folder):
+        return Checkpoint(path, folder, {}, [], "litgpt")
     if path.is_dir():
         root = path
         files, kind = _weight_files(path)
