@@ -134,7 +134,8 @@ class Checkpoint:
                 for info in read_safetensors_header(f):
                     self._infos[info.name] = info
         elif kind in ("meta", "litgpt"):
-            from llmops.core.layouts import LitGPTLayout, MetaLayout
+            from llmops.core.layout_litgpt import LitGPTLayout
+            from llmops.core.layouts import MetaLayout
 
             self._layout = MetaLayout(root) if kind == "meta" else LitGPTLayout(root)
             self._infos = dict(self._layout.infos)
@@ -337,7 +338,8 @@ def open_checkpoint(source: str | os.PathLike[str], *, validate: bool = True) ->
     path = Path(source).expanduser()
     if not path.exists():
         raise LLMOpsError(f"{path}: no such file or folder")
-    from llmops.core.layouts import is_litgpt_layout, is_meta_layout
+    from llmops.core.layout_litgpt import is_litgpt_layout
+    from llmops.core.layouts import is_meta_layout
 
     folder = path if path.is_dir() else path.parent
     if is_meta_layout(folder):
