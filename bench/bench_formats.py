@@ -84,7 +84,8 @@ def native_speed(binary: Path, gguf: Path, threads: int, runs: int, prompt: int,
     return out[0], out[1]
 
 
-def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int, threads: int) -> tuple[float, float | None]:
+def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int,
+                      threads: int) -> tuple[float, float | None]:
     """(seconds, perplexity) of llama-perplexity (None if it printed none); time includes its load, as ours does."""
     t0 = time.perf_counter()
     p = subprocess.run([str(binary), "-m", str(gguf), "-f", str(text_file), "-c", "512", "--chunks", str(chunks),

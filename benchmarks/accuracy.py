@@ -173,6 +173,10 @@ def _cache_file(cache_dir: Path, source: str | Path, win: Windows) -> Path:
     return Path(cache_dir) / f"logits-{key.hexdigest()[:32]}.npy"
 
 
+def _mib(n: int) -> str:
+    return f"{n / MIB:.1f}" if n < 10 * MIB else f"{n / MIB:.0f}"
+
+
 # A temporary file of the cache this old belongs to a process that died while writing it.
 _STALE_TMP_S = 3600.0
 
@@ -222,8 +226,8 @@ def _store(cached: Path, produced: Path, limit: int, say: Callable[[str], None])
     the cache is an optimisation, never a reason for an evaluation to fail)."""
     size = produced.stat().st_size
     if size > limit:
-        say(f"source logits not cached: {size / MIB:.0f} MiB is more than the cache's cap of "
-            f"{limit / MIB:.0f} MiB ({LOGITS_CACHE_ENV})")
+        say(f"source logits not cached: {_mib(size)} MiB is more than the cache's cap of "
+            f"{_mib(limit)} MiB ({LOGITS_CACHE_ENV})")
         return False
     folder = cached.parent
     tmp = cached.with_name(f"{cached.stem}.tmp{os.getpid()}")
@@ -242,8 +246,8 @@ def _store(cached: Path, produced: Path, limit: int, say: Callable[[str], None])
         return False
     finally:
         tmp.unlink(missing_ok=True)
-    say(f"source logits cached at {cached} ({size / MIB:.0f} MiB; the cache holds {(held + size) / MIB:.0f} "
-        f"of at most {limit / MIB:.0f} MiB, set {LOGITS_CACHE_ENV} to change, 0 to disable)")
+    say(f"source logits cached at {cached} ({_mib(size)} MiB; the cache holds {_mib(held + size)} "
+        f"of at most {_mib(limit)} MiB, set {LOGITS_CACHE_ENV} to change, 0 to disable)")
     return True
 
 

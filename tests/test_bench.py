@@ -35,7 +35,21 @@ def test_bench_measures_and_records(store_env, cli, tiny_models, tiny_gguf, eval
         for key in ("file_mb", "load_s", "peak_rss_mb", "ttft_ms", "prefill_tps", "decode_tps", "ppl"):
             assert row[key] > 0, key
     assert q8["file_mb"] < src_row["file_mb"]
-    assert len(q8["decode_tps"] if isinstance(q8["decode_tps"], list) else [q8["decode_tps"]]) == 1
+    # the row reports the median of the 2 timed runs (recorded one by one with the bench run)
+    import statistics
+
+    from sqlalchemy import select
+
+    from llmops.registry.tables import Run
+
+    with store_env.store().session() as s:
+        recorded = [r.parameters for r in s.scalars(select(Run).where(Run.kind == "bench"))
+                    if r.parameters.get("artifact") == "models:/tiny-q8/1"]
+    assert len(recorded) == 1
+    for key in ("ttft_ms", "prefill_tps", "decode_tps"):
+        runs = recorded[0][key]["runs"]
+        assert isinstance(q8[key], float) and len(runs) == 2, (key, q8[key], runs)
+        assert q8[key] == pytest.approx(statistics.median(runs), rel=1e-12), key
 
     # Stored: the promotion gates read them, and the version's MLflow run carries them.
     p = cli("--json", "promote", "tiny-q8", "1", "--gate", "kld < 0.05", "--gate", "top1 >= 0.9",
@@ -46,22 +60,33 @@ def test_bench_measures_and_records(store_env, cli, tiny_models, tiny_gguf, eval
     client = MlflowClient(tracking_uri=store_env.db_url, registry_uri=store_env.db_url)
     run = client.get_run(client.get_model_version("tiny-q8", "1").run_id)
     assert run.data.metrics["bench.kld"] == pytest.approx(q8["kld"])
+    assert run.data.metrics["bench.decode_tps"] == pytest.approx(q8["decode_tps"])
     assert any(i.dataset.name == "wikitext-2-raw-test" for i in run.inputs.dataset_inputs)
     up = cli("--json", "lineage", "models:/tiny-q8/1").json()
     assert {e["relation"] for e in up["edges"]} == {"converted_from", "evaluated_on"}
 
 
 def test_compare_table_and_plot(store_env, cli, tiny_models, tiny_gguf, eval_text_path, tmp_path) -> None:
+    measured = {}
     for name, path in (("cmp-f32", tiny_gguf["f32"]), ("cmp-q8", tiny_gguf["q8_0"])):
         assert cli("models", "register", path, "--name", name).code == 0
-        r = cli("bench", f"models:/{name}/1", "--eval-text", eval_text_path, "--chunks", "2", "--metrics", "accuracy")
+        r = cli("--json", "bench", f"models:/{name}/1", "--eval-text", eval_text_path, "--chunks", "2",
+                "--metrics", "accuracy")
         assert r.code == 0, r.err
+        measured[name] = r.json()["rows"][0]["ppl"]
     plot = tmp_path / "tradeoff.png"
     r = cli("--json", "bench", "compare", "models:/cmp-f32/1", "models:/cmp-q8/1", "--plot", plot)
     assert r.code == 0, r.err
     d = r.json()
     assert [row["ref"] for row in d["rows"]] == ["models:/cmp-f32/1", "models:/cmp-q8/1"]
-    assert d["rows"][0]["dppl_pct"] == 0.0 and "dppl_pct" in d["rows"][1]
+    # dPPL% of each row against the first REF, from the perplexities the two bench runs measured
+    assert [row["ppl"] for row in d["rows"]] == pytest.approx([measured["cmp-f32"], measured["cmp-q8"]], rel=1e-12)
+    want = 100.0 * (measured["cmp-q8"] / measured["cmp-f32"] - 1.0)
+    assert want != 0.0  # Q8_0 is lossy: an f32 and a q8_0 file never score the same perplexity
+    assert d["rows"][0]["dppl_pct"] == 0.0 and d["rows"][1]["dppl_pct"] == pytest.approx(want, rel=1e-9)
+    text = cli("bench", "compare", "models:/cmp-f32/1", "models:/cmp-q8/1")
+    assert text.code == 0, text.err
+    assert f"{want:+.2f}" in text.out.splitlines()[3].split(), text.out
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
     from mlflow import MlflowClient
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def test_quantized_loads_and_runs(tiny, tmp_path: Path, arch: str, quant: str) -
     src = tiny(arch)
     res = convert_to_gguf(open_checkpoint(src), quant, tmp_path)
     assert res.path.parent == tmp_path and res.path.name.endswith(f"-{quant}.gguf")
-    assert set(res.tensor_types.values()) - {"F32"}, "some tensors must be quantized"
+    # some tensors are in the requested block format (not merely F16/BF16 beside the F32 norms)
+    assert {"Q8_0": "Q8_0", "Q4_K_M": "Q4_K"}[quant] in set(res.tensor_types.values()), res.tensor_types
     ids = _ids(src)
     got = LlamaCppRunner(str(res.path), n_ctx=128, threads=2).logits(np.asarray(ids))
     want = _hf_logits(src, ids)
@@ -218,13 +220,18 @@ def test_default_name_and_record(tiny, tmp_path: Path, monkeypatch: pytest.Monke
     assert rec.verification is None
 
 
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason="needs the shared wikitext-2 copy")
 def test_convert_with_verification(tiny, tmp_path: Path) -> None:
+    if not WIKITEXT.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"needs the shared wikitext-2 copy at {WIKITEXT}")
+        pytest.skip("needs the shared wikitext-2 copy")
     text = WIKITEXT.read_text(encoding="utf-8")[:200_000]
     rec = convert(tiny("llama"), "gguf-q8_0", tmp_path, eval_text=text, threads=2)
     v = rec.verification
     assert v is not None and set(v) == {"kld", "top1_agreement", "ppl_source", "ppl_output"}
-    assert 0 <= v["kld"] < 0.01 and v["top1_agreement"] > 0.9
+    # Q8_0 is lossy: a KL-divergence of exactly 0 means the output was compared with the source itself
+    assert 0 < v["kld"] < 0.01 and v["top1_agreement"] > 0.9
+    assert v["ppl_output"] != v["ppl_source"]
     assert abs(v["ppl_output"] / v["ppl_source"] - 1) < 0.02
 
 

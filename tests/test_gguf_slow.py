@@ -36,6 +36,8 @@ def wikitext() -> str:
 
         return load_eval_text(WIKITEXT if WIKITEXT.is_file() else None).text
     except Exception as e:  # noqa: BLE001
+        if os.environ.get("CI"):
+            pytest.fail(f"no wikitext-2: {e}")
         pytest.skip(f"no wikitext-2: {e}")
 
 
@@ -47,6 +49,8 @@ def reference_converter() -> Path:
     try:
         return reference_converter_script()
     except (OSError, subprocess.CalledProcessError, tarfile.TarError) as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot fetch the llama-cpp-python sdist: {e}")
         pytest.skip(f"cannot fetch the llama-cpp-python sdist: {e}")
 
 

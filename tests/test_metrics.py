@@ -74,7 +74,11 @@ def test_streaming_equals_all_at_once() -> None:
     parts = StreamingAccuracy()
     for a in range(0, 90, 25):
         parts.add(src[a:a + 25], out[a:a + 25], tg[a:a + 25])
-    for k, v in whole.result().items():
+    want = whole.result()
+    # every figure is compared (an empty or partial result must not pass by comparing nothing)
+    assert want.keys() == {"kld", "kld_p99", "top1_agreement", "ppl_source", "ppl_output", "tokens"}
+    assert all(v is not None for v in want.values()) and want["tokens"] == 90
+    for k, v in want.items():
         assert parts.result()[k] == pytest.approx(v, rel=1e-12), k
 
 

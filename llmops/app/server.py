@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from llmops.core.settings import redact
 from llmops.core.errors import LLMOpsError
@@ -128,6 +129,51 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         proc.wait()
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies waiting for a reaper do not count)."""
+    proc_fs = Path("/proc")
+    if not proc_fs.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in proc_fs.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a server started in its own process group: SIGTERM to all of it (MLflow's server,
+    uvicorn, its job runner and huey consumers), SIGKILL to whatever is left after ``timeout``
+    seconds, so that no worker outlives ``llmops ui``."""
+    import signal
+
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    signal_group(signal.SIGTERM)
+    deadline = time.time() + timeout
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    while time.time() < deadline and _group_alive(proc.pid):
+        time.sleep(0.2)
+    signal_group(signal.SIGKILL)
+    proc.wait()
+
+
 def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = False,  # noqa: ANN001
           serve_artifacts: bool = False, workers: int = 1) -> int:
     """MLflow's server on the store's database. With ``serve_artifacts`` it is the shared
@@ -152,9 +198,14 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
     argv, env = server_launch(store, host, port, serve_artifacts, workers)
     import signal
 
-    # A service manager (or a test) stops us with SIGTERM: take the server down with us.
+    # A service manager (or a test) stops us with SIGTERM, a closed terminal with SIGHUP (which,
+    # in its own session, the server no longer gets): take the server down with us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    proc = subprocess.Popen(argv, env=env)  # noqa: S603 - fixed argv
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: sys.exit(0))
+    # Its own process group, so that stopping it reaches the workers it starts (MLflow's job
+    # runner leaves its huey consumers behind otherwise); Ctrl-C reaches us and we stop it.
+    proc = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 - fixed argv
     try:
         wait_until_up(url, proc)
         if json_mode:
@@ -166,4 +217,4 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
     except KeyboardInterrupt:
         return 0
     finally:
-        stop(proc, timeout=10)
+        stop_group(proc, timeout=10)
