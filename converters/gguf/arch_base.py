@@ -99,6 +99,11 @@ class Family:
             raise LLMOpsError(f"tensor {name!r} has no GGUF equivalent for {self.hf_arch}")
         return new
 
+    def stacks(self, names: list[str]) -> dict[str, tuple[str, ...]]:
+        """Checkpoint tensors that llama.cpp stores stacked as one (MoE experts): merged name ->
+        its parts in order. The merged name is one gguf-py's tensor map knows."""
+        return {}
+
     def transform(self, name: str, data: np.ndarray, src_dtype: str) -> np.ndarray:
         """Change a float32 tensor on its way in (whole tensor or a block of whole rows)."""
         return data
@@ -129,6 +134,10 @@ class Family:
         self.add_rope(w)
         if (eps := self.find(["rms_norm_eps", "norm_eps"], None)) is not None:
             w.add_layer_norm_rms_eps(float(eps))
+        if (n_experts := self.find(["num_local_experts", "num_experts", "n_routed_experts"], None)) is not None:
+            w.add_expert_count(int(n_experts))
+        if (n_used := self.find(["num_experts_per_tok", "num_experts_per_token", "top_k_experts"], None)) is not None:
+            w.add_expert_used_count(int(n_used))
         if (head_dim := h.get("head_dim")) is not None:
             w.add_key_length(int(head_dim))
             w.add_value_length(int(head_dim))

@@ -8,6 +8,7 @@ projections are therefore row-permuted within each head on the way in.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import gguf
 import numpy as np
 
 from llmops.converters.gguf.arch_base import Family, llama3_rope_factors, register
+from llmops.core.errors import LLMOpsError
 
 
 def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -61,3 +63,27 @@ class LlamaFamily(Family):
             name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
             return [(name, llama3_rope_factors(self.rope, self.head_dim()))]
         return []
+
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+@register("MixtralForCausalLM")
+class MixtralFamily(LlamaFamily):
+    """Mixtral: Llama attention, a router and ``num_local_experts`` SwiGLU experts per layer, which
+    llama.cpp stores stacked as ``ffn_{gate,down,up}_exps`` ([experts, rows, columns])."""
+
+    def stacks(self, names: list[str]) -> dict[str, tuple[str, ...]]:
+        n_experts = int(self.find(["num_local_experts"]))
+        found: dict[tuple[int, str], dict[int, str]] = {}
+        for name in names:
+            m = _EXPERT.match(name)
+            if m:
+                found.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = name
+        out: dict[str, tuple[str, ...]] = {}
+        for (layer, w), experts in sorted(found.items()):
+            if sorted(experts) != list(range(n_experts)):
+                missing = sorted(set(range(n_experts)) - set(experts))
+                raise LLMOpsError(f"layer {layer} {w}: experts {missing} are missing (config says {n_experts})")
+            out[f"layers.{layer}.feed_forward.experts.{w}.weight"] = tuple(experts[e] for e in range(n_experts))
+        return out

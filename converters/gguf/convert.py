@@ -60,6 +60,7 @@ class PlannedTensor:
     qtype: QT
     base: QT  # type in the F16 file of the two-step pipeline (== qtype for direct targets)
     data: np.ndarray | None = None  # generated tensors only
+    parts: tuple[str, ...] = ()  # checkpoint tensors stacked into this one (MoE experts), in order
 
 
 @dataclass
@@ -94,20 +95,39 @@ def plan_tensors(ckpt: Checkpoint, family: Family, quant: GGUFQuant) -> list[Pla
     plan: list[PlannedTensor] = []
     for gname, arr in family.extra_tensors():
         plan.append(PlannedTensor(None, gname, arr.shape, QT.F32, QT.F32, arr))
+    stacks = family.stacks(ckpt.names())
+    # a stack takes the place of its last part in the checkpoint's order, where llama.cpp's
+    # converter emits it (once every expert of the layer has been seen)
+    last_part = {}
+    for merged, parts in stacks.items():
+        last = max(parts, key=ckpt.names().index)
+        last_part.setdefault(last, []).append(merged)
+    in_stack = {p for parts in stacks.values() for p in parts}
     seen: set[str] = set()
-    for src in ckpt.names():
-        if family.skip(src):
-            continue
-        info = ckpt.info(src)
+    base_target = "F16" if quant.via_llama_quantizer else quant.default_type
+
+    def add(src: str, shape: tuple[int, ...], dtype_of: str, parts: tuple[str, ...] = ()) -> None:
         gname = family.map_name(src)
         if gname in seen:
             raise LLMOpsError(f"two checkpoint tensors map to {gname} (second: {src})")
         seen.add(gname)
-        if not info.is_float:
-            raise LLMOpsError(f"tensor {src} has integer dtype {info.dtype}; quantized checkpoints are not supported")
-        base_target = "F16" if quant.via_llama_quantizer else quant.default_type
-        base = _direct_type(gname, info.shape, base_target)
-        plan.append(PlannedTensor(src, gname, info.shape, base, base))
+        if not ckpt.info(dtype_of).is_float:
+            raise LLMOpsError(f"tensor {dtype_of} has integer dtype {ckpt.info(dtype_of).dtype}; quantized "
+                              "checkpoints are not supported")
+        base = _direct_type(gname, shape, base_target)
+        plan.append(PlannedTensor(src, gname, shape, base, base, parts=parts))
+
+    for src in ckpt.names():
+        if family.skip(src):
+            continue
+        if src not in in_stack:
+            add(src, ckpt.info(src).shape, src)
+        for merged in last_part.get(src, ()):
+            parts = stacks[merged]
+            shapes = {ckpt.info(p).shape for p in parts}
+            if len(shapes) != 1:
+                raise LLMOpsError(f"the experts stacked into {merged} differ in shape: {sorted(shapes)}")
+            add(merged, (len(parts), *shapes.pop()), parts[0], tuple(parts))
     return plan
 
 
@@ -224,7 +244,7 @@ def convert_to_gguf(
             _write_all(ckpt, family, plan, out, tmp, allow_nonfinite, threads, say)
         else:
             out.abort()
-            f16_plan = [PlannedTensor(t.src, t.name, t.shape, t.base, t.base, t.data) for t in plan]
+            f16_plan = [PlannedTensor(t.src, t.name, t.shape, t.base, t.base, t.data, t.parts) for t in plan]
             f16_out, _, _ = build_writer(QUANTS["F16"].ftype, f16_plan, False)
             with staged_file(dest.with_name(dest.name + ".f16")) as f16:
                 try:
@@ -247,28 +267,35 @@ def convert_to_gguf(
 def _source_chunks(ckpt: Checkpoint, family: Family, t: PlannedTensor,
                    allow_nonfinite: bool) -> Iterator[np.ndarray]:
     """A planned tensor as float32 row blocks, read, decoded, checked and transformed: the part of
-    the work that does not depend on the output type, so it can run ahead of the quantizer."""
+    the work that does not depend on the output type, so it can run ahead of the quantizer. A
+    stack of experts is read expert by expert: memory stays flat in the number of experts."""
     if t.data is not None:
         yield t.data.astype(np.float32)
         return
     assert t.src is not None
-    info = ckpt.info(t.src)
-    rows = t.shape[0] if len(t.shape) >= 1 else 1
-    block = family.row_block(t.src)
-    row_elems = int(np.prod(t.shape[1:])) if len(t.shape) > 1 else 1
-    if block is None or len(t.shape) < 2:
+    for src in t.parts or (t.src,):
+        yield from _tensor_chunks(ckpt, family, src, allow_nonfinite)
+
+
+def _tensor_chunks(ckpt: Checkpoint, family: Family, src: str, allow_nonfinite: bool) -> Iterator[np.ndarray]:
+    info = ckpt.info(src)
+    shape = info.shape
+    rows = shape[0] if len(shape) >= 1 else 1
+    block = family.row_block(src)
+    row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    if block is None or len(shape) < 2:
         step = rows
     else:
         step = max(block, (CHUNK_BYTES // max(1, row_elems * 4)) // block * block)
     for a in range(0, max(rows, 1), max(step, 1)):
         b = min(rows, a + step)
         whole = a == 0 and b == rows
-        x = ckpt.float32(t.src, None if whole or len(t.shape) < 2 else (a, b))
-        if len(t.shape) == 0:
+        x = ckpt.float32(src, None if whole or len(shape) < 2 else (a, b))
+        if len(shape) == 0:
             x = x.reshape(())
         if not allow_nonfinite:
-            refuse_nonfinite(t.src, x, (a, b))
-        yield family.transform(t.src, x, info.dtype)
+            refuse_nonfinite(src, x, (a, b))
+        yield family.transform(src, x, info.dtype)
 
 
 _END = object()  # marks the end of one tensor's chunks in the prefetch queue

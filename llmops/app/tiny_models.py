@@ -26,6 +26,8 @@ _COMMON: dict[str, Any] = {
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", "rope_theta": 10000.0},
+    "mixtral": {"model_type": "mixtral", "rope_theta": 1000000.0, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "intermediate_size": 256, "sliding_window": None},
     "qwen2": {"model_type": "qwen2", "rope_theta": 1000000.0, "tie_word_embeddings": True},
     "qwen3": {"model_type": "qwen3", "rope_theta": 1000000.0, "head_dim": 64, "tie_word_embeddings": True},
     "gemma2": {
