@@ -9,6 +9,8 @@ streaming live in their own modules; a family module is small on purpose.
 
 from __future__ import annotations
 
+import re
+
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -200,3 +202,22 @@ def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
             smooth = (old_ctx / wl - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.asarray(out, dtype=np.float32)
+
+
+def stack_experts(names: Iterable[str], pattern: re.Pattern[str], merged: str, weights: tuple[str, ...],
+                  n_experts: int) -> dict[str, tuple[str, ...]]:
+    """Group per-expert tensors (``pattern`` captures layer, expert and weight name) into stacks
+    named ``merged.format(layer=, w=)``, experts in order and, per layer, weights in the order
+    llama.cpp's converter emits them; a missing expert is a one-line error."""
+    found: dict[tuple[int, str], dict[int, str]] = {}
+    for name in names:
+        m = pattern.match(name)
+        if m:
+            found.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = name
+    out: dict[str, tuple[str, ...]] = {}
+    for (layer, w), experts in sorted(found.items(), key=lambda kv: (kv[0][0], weights.index(kv[0][1]))):
+        if sorted(experts) != list(range(n_experts)):
+            missing = sorted(set(range(n_experts)) - set(experts))
+            raise LLMOpsError(f"layer {layer} {w}: experts {missing} are missing (config says {n_experts})")
+        out[merged.format(layer=layer, w=w)] = tuple(experts[e] for e in range(n_experts))
+    return out

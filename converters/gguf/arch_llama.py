@@ -15,8 +15,7 @@ from typing import Any
 import gguf
 import numpy as np
 
-from llmops.converters.gguf.arch_base import Family, llama3_rope_factors, register
-from llmops.core.errors import LLMOpsError
+from llmops.converters.gguf.arch_base import Family, llama3_rope_factors, register, stack_experts
 
 
 def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -74,16 +73,5 @@ class MixtralFamily(LlamaFamily):
     llama.cpp stores stacked as ``ffn_{gate,down,up}_exps`` ([experts, rows, columns])."""
 
     def stacks(self, names: list[str]) -> dict[str, tuple[str, ...]]:
-        n_experts = int(self.find(["num_local_experts"]))
-        found: dict[tuple[int, str], dict[int, str]] = {}
-        for name in names:
-            m = _EXPERT.match(name)
-            if m:
-                found.setdefault((int(m.group(1)), m.group(3)), {})[int(m.group(2))] = name
-        out: dict[str, tuple[str, ...]] = {}
-        for (layer, w), experts in sorted(found.items()):
-            if sorted(experts) != list(range(n_experts)):
-                missing = sorted(set(range(n_experts)) - set(experts))
-                raise LLMOpsError(f"layer {layer} {w}: experts {missing} are missing (config says {n_experts})")
-            out[f"layers.{layer}.feed_forward.experts.{w}.weight"] = tuple(experts[e] for e in range(n_experts))
-        return out
+        return stack_experts(names, _EXPERT, "layers.{layer}.feed_forward.experts.{w}.weight", ("w1", "w2", "w3"),
+                             int(self.find(["num_local_experts"])))

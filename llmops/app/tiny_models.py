@@ -28,6 +28,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "llama": {"model_type": "llama", "rope_theta": 10000.0},
     "mixtral": {"model_type": "mixtral", "rope_theta": 1000000.0, "num_local_experts": 4, "num_experts_per_tok": 2,
                 "intermediate_size": 256, "sliding_window": None},
+    "qwen2_moe": {"model_type": "qwen2_moe", "rope_theta": 1000000.0, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 128, "shared_expert_intermediate_size": 256, "decoder_sparse_step": 1},
+    "qwen3_moe": {"model_type": "qwen3_moe", "rope_theta": 1000000.0, "head_dim": 64, "num_experts": 4,
+                  "num_experts_per_tok": 2, "moe_intermediate_size": 128, "decoder_sparse_step": 1,
+                  "norm_topk_prob": True},  # as Qwen3-MoE releases ship it (llama.cpp always normalizes)
     "qwen2": {"model_type": "qwen2", "rope_theta": 1000000.0, "tie_word_embeddings": True},
     "qwen3": {"model_type": "qwen3", "rope_theta": 1000000.0, "head_dim": 64, "tie_word_embeddings": True},
     "gemma2": {
