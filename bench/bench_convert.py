@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,8 +75,10 @@ def median_of(runs: int, cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
 
 
 def write_synthetic(dest: Path, tokenizer_from: Path, *, layers: int = 30, hidden: int = 3072,
-                    intermediate: int = 8192, heads: int = 24, kv_heads: int = 8, vocab: int = 49152) -> int:
-    """A Llama-shaped bf16 safetensors checkpoint (~3.2B parameters with the defaults), written streaming."""
+                    intermediate: int = 8192, heads: int = 24, kv_heads: int = 8, vocab: int = 49152,
+                    experts: int = 0) -> int:
+    """A Llama-shaped bf16 safetensors checkpoint (~3.2B parameters with the defaults), written streaming;
+    with ``experts``, Mixtral-shaped (that many SwiGLU experts of width ``intermediate`` per layer)."""
     import numpy as np
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -92,9 +95,17 @@ def write_synthetic(dest: Path, tokenizer_from: Path, *, layers: int = 30, hidde
             p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
             p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
             p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
-            p + "mlp.down_proj.weight": (hidden, intermediate),
         })
+        if experts:
+            shapes[p + "block_sparse_moe.gate.weight"] = (experts, hidden)
+            for e in range(experts):
+                x = f"{p}block_sparse_moe.experts.{e}."
+                shapes.update({x + "w1.weight": (intermediate, hidden), x + "w2.weight": (hidden, intermediate),
+                               x + "w3.weight": (intermediate, hidden)})
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (intermediate, hidden),
+                           p + "mlp.up_proj.weight": (intermediate, hidden),
+                           p + "mlp.down_proj.weight": (hidden, intermediate)})
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     off = 0
     for name, shape in shapes.items():
@@ -113,11 +124,13 @@ def write_synthetic(dest: Path, tokenizer_from: Path, *, layers: int = 30, hidde
             f.write(chunk)
             left -= len(chunk)
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+        "architectures": ["MixtralForCausalLM" if experts else "LlamaForCausalLM"],
+        "model_type": "mixtral" if experts else "llama", "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
         "bos_token_id": 1, "eos_token_id": 2,
+        **({"num_local_experts": experts, "num_experts_per_tok": 2} if experts else {}),
     }
     (dest / "config.json").write_text(json.dumps(config))
     return sum(int(np.prod(s)) for s in shapes.values())
@@ -127,6 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-3b", action="store_true")
+    ap.add_argument("--skip-moe", action="store_true", help="skip the synthetic 3B mixture-of-experts case")
+    ap.add_argument("--only-moe", action="store_true", help="run the mixture-of-experts case alone")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -136,6 +151,9 @@ def main() -> None:
     script = reference_converter_script()
     with tempfile.TemporaryDirectory(prefix="llmops-bench-", dir=args.workdir) as d:
         wd = Path(d)
+        if args.only_moe:
+            synthetic_moe(wd, src)
+            return
         rows = []
         t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16.gguf"), script.parent)
         t_our, m_our = median_of(args.runs, ours(src, "gguf-f16", wd / "our-f16.gguf"), wd)
@@ -165,6 +183,28 @@ def main() -> None:
             print("| checkpoint | target | llmops time | llmops peak RSS | target |")
             print("|---|---|---|---|---|")
             print(f"| synthetic {n / 1e9:.2f}B bf16 | F16 | {t:.1f} s | {m / 1e6:.0f} MB | < 1000 MB |")
+            shutil.rmtree(big, ignore_errors=True)
+        if not args.skip_moe:
+            synthetic_moe(wd, src)
+
+
+def synthetic_moe(wd: Path, src: Path) -> None:
+    """Peak RSS of converting a synthetic ~3B-parameter Mixtral-shaped bf16 checkpoint: experts are
+    stacked expert by expert while streaming, so memory must not grow with their number."""
+    big = wd / "synthetic-moe"
+    t0 = time.perf_counter()
+    n = write_synthetic(big, src, layers=26, hidden=2048, intermediate=2048, heads=16, kv_heads=8, experts=8)
+    size = (big / "model.safetensors").stat().st_size
+    print(f"\nsynthetic MoE checkpoint: {n / 1e9:.2f}B parameters (8 experts x 26 layers), bf16, {size / 1e9:.1f} GB "
+          f"(written in {time.perf_counter() - t0:.0f} s)\n")
+    print("| checkpoint | target | llmops time | llmops peak RSS | target |")
+    print("|---|---|---|---|---|")
+    for target in ("gguf-f16", "gguf-q4"):
+        t, m = run_measured(ours(big, target, wd / "moe.gguf"), wd)
+        (wd / "moe.gguf").unlink(missing_ok=True)
+        print(f"| synthetic MoE {n / 1e9:.2f}B bf16 | {target} | {t:.1f} s | {m / 1e6:.0f} MB | < 1000 MB |")
+        sys.stdout.flush()
+    shutil.rmtree(big, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def fixtures_smollm2(dest: str | None) -> None:
 @click.argument("dest", type=click.Path(file_okay=False))
 @common
 def fixtures_tiny(arch: str, dest: str) -> None:
-    """A tiny random-weight model (llama, qwen2, qwen3, gemma2, phi3, gpt2) for quick trials."""
+    """A tiny random-weight model (llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, gemma2, phi3, gpt2)."""
     from llmops.app.tiny_models import ARCHITECTURES, tiny_model
 
     if arch not in ARCHITECTURES:
