@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from llmops.core.errors import LLMOpsError
@@ -23,12 +24,26 @@ def by_sha(session: Session, sha256: str) -> Artifact | None:
 
 
 def upsert(session: Session, *, sha256: str, **fields: Any) -> Artifact:
-    """The artifact for these bytes, created on first sight (a sha256 seen before is the same artifact)."""
+    """The artifact for these bytes, created on first sight (a sha256 seen before is the same artifact).
+
+    On PostgreSQL two writers may meet the same new bytes at once: the loser of the insert reads
+    the winner's row, inside a savepoint so that its own transaction stays alive."""
     row = by_sha(session, sha256)
-    if row is None:
-        row = Artifact(sha256=sha256, meta=fields.pop("meta", None) or {}, **fields)
+    if row is not None:
+        return row
+    row = Artifact(sha256=sha256, meta=fields.pop("meta", None) or {}, **fields)
+    if session.get_bind().dialect.name == "sqlite":  # SQLite writers are serialised
         session.add(row)
         session.flush()
+        return row
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        found = by_sha(session, sha256)
+        if found is None:
+            raise
+        return found
     return row
 
 

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from llmops.core.errors import LLMOpsError, UsageError
 from llmops.core.hashing import sha256_path, size_of
 from llmops.registry import artifacts
+from llmops.registry.locks import named_lock
 from llmops.registry.refs import Ref, parse_ref, validate_name
 from llmops.registry.store import Store, actor
 from llmops.registry.tables import Artifact, Version
@@ -74,52 +75,71 @@ def _info(v: Version, message: str | None = None, created: bool = True) -> Datas
 
 
 def add(store: Store, name: str, path: str | Path, message: str | None = None) -> DatasetInfo:
+    """A new version of dataset ``name`` holding the bytes at ``path``, or the latest version when
+    it holds them already. Versions are numbered under a per-name lock (as model versions are),
+    so concurrent adds of different files get 1..N."""
     validate_name(name, "dataset name")
     src = Path(path).expanduser().resolve()
     if not src.exists():
         raise UsageError(f"{path}: no such file or folder")
     sha = sha256_path(src)
-    store.open()
-    with store.session() as s:
-        latest = s.scalars(select(Version).where(Version.kind == "dataset", Version.name == name)
-                           .order_by(Version.id.desc())).first()
-        if latest is not None and latest.artifact.sha256 == sha:
-            return _info(latest, created=False)
-        existing = artifacts.by_sha(s, sha)
-        stored = existing if existing is not None and existing.meta.get("stored") else None
-        stored_uri = stored.uri if stored else None
+    size = size_of(src)
     fmt, records = profile(src)
-    client = store.mlflow
-    run = client.create_run(store.experiment_id, run_name=f"dataset-{name}",
-                            tags={"llmops.command": "datasets add", "llmops.dataset": name, "mlflow.user": actor()})
-    try:
-        if stored_uri is None:
-            if src.is_dir():
-                client.log_artifacts(run.info.run_id, str(src), ARTIFACT_PATH)
-                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
-            else:
-                client.log_artifact(run.info.run_id, str(src), ARTIFACT_PATH)
-                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}/{src.name}"
+    store.open()
+    with named_lock(store, f"dataset:{name}"):
         with store.session() as s:
-            art = artifacts.upsert(s, sha256=sha, kind="dataset", name=name, uri=stored_uri, size_bytes=size_of(src),
-                                   format=fmt, meta={}, created_by=actor())
-            art.meta = {**art.meta, "stored": True, "records": records, "filename": src.name, "message": message}
-            number = (s.scalar(select(func.count()).select_from(Version)
-                               .where(Version.kind == "dataset", Version.name == name)) or 0) + 1
-            v = Version(kind="dataset", name=name, version=str(number), artifact_id=art.id,
-                        mlflow_run_id=run.info.run_id)
-            s.add(v)
-            s.flush()
-            info = _info(v, message)
-        client.log_inputs(run.info.run_id, [mlflow_input(info, "source")])
-        client.set_terminated(run.info.run_id, "FINISHED")
-    except BaseException:
+            versions = s.scalars(select(Version).where(Version.kind == "dataset", Version.name == name)
+                                 .order_by(Version.id.desc())).all()
+            if versions and versions[0].artifact.sha256 == sha:
+                return _info(versions[0], created=False)
+            existing = artifacts.by_sha(s, sha)
+            stored_uri = existing.uri if existing is not None and existing.meta.get("stored") else None
+            number = max((int(v.version) for v in versions if v.version.isdigit()), default=0) + 1
+        client = store.mlflow
+        run = client.create_run(store.experiment_id, run_name=f"dataset-{name}",
+                                tags={"llmops.command": "datasets add", "llmops.dataset": name, "mlflow.user": actor()})
+        logged_uri = None
         try:
-            client.delete_run(run.info.run_id)
-        except Exception:  # noqa: BLE001, S110 - best effort; the original error matters
-            pass
-        raise
+            if stored_uri is None:
+                if src.is_dir():
+                    client.log_artifacts(run.info.run_id, str(src), ARTIFACT_PATH)
+                    stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
+                else:
+                    client.log_artifact(run.info.run_id, str(src), ARTIFACT_PATH)
+                    stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}/{src.name}"
+                logged_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
+            info = DatasetInfo(name, str(number), f"datasets:/{name}/{number}", sha, size, records, fmt, stored_uri,
+                               message, True)
+            client.log_inputs(run.info.run_id, [mlflow_input(info, "source")])
+            client.set_terminated(run.info.run_id, "FINISHED")
+            # The version row last: if it cannot be written, the run (and its copy) is undone.
+            with store.session() as s:
+                art = artifacts.upsert(s, sha256=sha, kind="dataset", name=name, uri=stored_uri, size_bytes=size,
+                                       format=fmt, meta={}, created_by=actor())
+                art.meta = {**art.meta, "stored": True, "records": records, "filename": src.name, "message": message}
+                s.add(Version(kind="dataset", name=name, version=str(number), artifact_id=art.id,
+                              mlflow_run_id=run.info.run_id))
+                s.flush()
+        except BaseException:
+            _undo_run(client, run.info.run_id, logged_uri)
+            raise
     return info
+
+
+def _undo_run(client, run_id: str, logged_uri: str | None) -> None:  # noqa: ANN001 - MlflowClient
+    """Best effort: the copied bytes, then the run (marked failed, then deleted)."""
+    import shutil
+
+    logged = artifacts.local_path(logged_uri) if logged_uri else None
+    for step in ((lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
+                 lambda: client.set_terminated(run_id, "FAILED"),
+                 lambda: client.delete_run(run_id)):
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception:  # noqa: BLE001, S110 - the original error matters
+            pass
 
 
 def mlflow_input(info: DatasetInfo, context: str):  # noqa: ANN201 - mlflow DatasetInput

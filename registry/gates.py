@@ -54,6 +54,14 @@ def parse_gate(text: str) -> Gate:
     return Gate(m.group("metric"), m.group("op"), value)
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Which results a measured value comes from: the protocol's key (short) and a summary."""
+
+    protocol: str | None
+    summary: str
+
+
 @dataclass
 class GateResult:
     gate: str
@@ -63,22 +71,32 @@ class GateResult:
     measured: float | None
     passed: bool
     note: str | None = None
+    protocol: str | None = None  # the short key of the protocol the measured value was read under
+    protocol_summary: str | None = None  # e.g. "bench ppl, 16 chunks x 512, llama.cpp, 2 threads, cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def evaluate(gates: list[Gate], metrics: dict[str, float]) -> list[GateResult]:
+def evaluate(gates: list[Gate], metrics: dict[str, float], provenance: dict[str, Provenance] | None = None,
+             notes: dict[str, str] | None = None) -> list[GateResult]:
+    """Each gate against its metric; ``provenance`` says which protocol each value was read under,
+    ``notes`` why a metric has no value (e.g. no comparable result of the alias holder)."""
+    provenance, notes = provenance or {}, notes or {}
     results = []
     for g in gates:
         value = metrics.get(g.metric)
+        base = g.metric[: -len("_ratio")] if g.metric.endswith("_ratio") else g.metric
+        prov = provenance.get(g.metric) or provenance.get(base)
+        where = (prov.protocol, prov.summary) if prov is not None else (None, None)
         if value is None:
-            base = g.metric[: -len("_ratio")] if g.metric.endswith("_ratio") else g.metric
-            hint = HINTS.get(base, "llmops bench REF")
-            note = (f"no {g.metric} recorded: run `{hint}`"
-                    + (" for this version and the alias holder" if g.metric.endswith("_ratio") else ""))
-            results.append(GateResult(str(g), g.metric, g.op, g.threshold, None, False, note))
+            note = notes.get(g.metric)
+            if note is None:
+                hint = HINTS.get(base, "llmops bench REF")
+                note = (f"no {g.metric} recorded: run `{hint}`"
+                        + (" for this version and the alias holder" if g.metric.endswith("_ratio") else ""))
+            results.append(GateResult(str(g), g.metric, g.op, g.threshold, None, False, note, *where))
             continue
         ok = bool(OPS[g.op](value, g.threshold)) and math.isfinite(value)
-        results.append(GateResult(str(g), g.metric, g.op, g.threshold, value, ok))
+        results.append(GateResult(str(g), g.metric, g.op, g.threshold, value, ok, None, *where))
     return results

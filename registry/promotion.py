@@ -3,7 +3,13 @@
 MLflow's stages are deprecated (since 2.9); the alias is what moves, and a
 stage is set only on request for old tooling. Each attempt, passed or failed,
 is an audit row; the read-decide-move sequence runs under a named lock so two
-promotions of one model at once are serialised and both audited.
+promotions of one model at once are serialised and both audited, and a move is
+never without its audit row.
+
+A gate reads results of one protocol and one machine only: per metric, the
+version's newest result on the machine defines the protocol, and a ``*_ratio``
+compares with the alias holder's result of that same protocol on that machine.
+Each gate says which protocol it read.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from typing import Any
 from sqlalchemy import select
 
 from llmops.core.errors import LLMOpsError, UsageError
-from llmops.registry import results
-from llmops.registry.gates import Gate, GateResult, evaluate
+from llmops.registry import protocols, results
+from llmops.registry.gates import Gate, GateResult, Provenance, evaluate
 from llmops.registry.locks import named_lock
 from llmops.registry.versions import run_of
 from llmops.registry.refs import Ref, validate_name
@@ -71,13 +77,51 @@ def ci_metadata() -> dict[str, str]:
     return {k: v for k, v in meta.items() if v}
 
 
-def version_metrics(store: Store, name: str, version: str, hardware: str | None = None) -> tuple[dict[str, float], str | None]:
+@dataclass
+class Measured:
+    """What the gates read: values, and for each the protocol it was measured under."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Provenance] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)  # why a metric could not be measured
+    hardware: str | None = None
+
+
+SIZE = Provenance(None, "file_mb, size of the stored bytes")
+
+
+def measure(store: Store, name: str, version: str, previous: str | None, hardware: str | None = None) -> Measured:
+    """Per metric, the newest result for the version on one machine (``hardware``, else that of
+    its newest result) defines the protocol; a ``*_ratio`` divides by the alias holder's newest
+    result of that same protocol on that same machine, and is missing (with a note) without one."""
     art = _artifact(store, name, version)
     with store.session() as s:
         rs = results.latest(s, art.id, hardware)
-    metrics = dict(rs.metrics)
-    metrics["file_mb"] = art.size_bytes / MIB
-    return metrics, rs.hardware_fingerprint
+        out = Measured(hardware=rs.hardware_fingerprint)
+        for metric, r in rs.results.items():
+            out.metrics[metric] = r.value
+            out.provenance[metric] = Provenance(protocols.short(r.protocol_key), r.summary())
+        out.metrics["file_mb"] = art.size_bytes / MIB
+        out.provenance["file_mb"] = SIZE
+        if previous is None or previous == version:
+            return out
+        holder = _artifact(store, name, previous)
+        for metric, r in rs.results.items():
+            if metric == "file_mb":
+                continue
+            prov = out.provenance[metric]
+            theirs = results.comparable(s, holder.id, metric, r.protocol_key, r.hardware_fingerprint)
+            if theirs is None:
+                out.notes[f"{metric}_ratio"] = (
+                    f"no comparable result: the holder models:/{name}/{previous} has no {metric} under protocol "
+                    f"{prov.protocol} ({prov.summary}) on hardware {r.hardware_fingerprint[:12]}")
+            elif theirs.value != 0:
+                out.metrics[f"{metric}_ratio"] = r.value / theirs.value
+                out.provenance[f"{metric}_ratio"] = prov
+    if holder.size_bytes:
+        out.metrics["file_mb_ratio"] = art.size_bytes / holder.size_bytes
+        out.provenance["file_mb_ratio"] = SIZE
+    return out
 
 
 def _artifact(store: Store, name: str, version: str) -> Artifact:
@@ -109,14 +153,9 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
     gates = gates or []
     with named_lock(store, f"promote:{name}"):
         previous = _holder(store, name, alias)
-        metrics, fp = version_metrics(store, name, version, hardware)
-        if previous is not None and previous != version:
-            prev_metrics, _ = version_metrics(store, name, previous, fp or hardware)
-            for k, v in list(metrics.items()):
-                pv = prev_metrics.get(k)
-                if pv not in (None, 0):
-                    metrics[f"{k}_ratio"] = v / pv
-        gate_results: list[GateResult] = evaluate(gates, metrics)
+        measured = measure(store, name, version, previous, hardware)
+        metrics, fp = measured.metrics, measured.hardware
+        gate_results: list[GateResult] = evaluate(gates, metrics, measured.provenance, measured.notes)
         passed = all(g.passed for g in gate_results)
         verdict = "passed" if passed else ("forced" if force else "failed")
         moved = (passed or force) and not dry_run
@@ -124,30 +163,69 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
                                  [g.to_dict() for g in gate_results], metrics, fp, ci=ci_metadata())
         if dry_run:
             return result
-        if moved:
-            store.mlflow.set_registered_model_alias(name, alias, version)
-            if stage:
-                store.mlflow.transition_model_version_stage(name, version, stage)
+        model_art = _artifact(store, name, version)
+        # The audit row and the move are one step: the row is written in a transaction, the alias
+        # moved, then the row committed; if the commit fails, the alias goes back to its holder.
+        # (On SQLite, where MLflow's tables share the file and its lock, the insert is flushed
+        # with the commit, after the move; on PostgreSQL it is flushed before the move.)
         with store.session() as s:
             row = Promotion(model=name, version=version, alias=alias, previous_version=previous,
                             gates=result.gates, verdict=verdict, forced=force and not passed,
                             reason=reason, actor=actor(), ci=result.ci)
             s.add(row)
             if prompt_art is not None and moved:
-                model_art = _artifact(store, name, version)
-                exists = s.scalars(select(LineageEdge).where(
-                    LineageEdge.parent_id == prompt_art.id, LineageEdge.child_id == model_art.id,
-                    LineageEdge.relation == "uses_prompt")).first()
+                with s.no_autoflush:
+                    exists = s.scalars(select(LineageEdge).where(
+                        LineageEdge.parent_id == prompt_art.id, LineageEdge.child_id == model_art.id,
+                        LineageEdge.relation == "uses_prompt")).first()
                 if exists is None:
                     s.add(LineageEdge(parent_id=prompt_art.id, child_id=model_art.id, relation="uses_prompt",
                                       parameters={"prompt": prompt, "alias": alias}))
-            s.flush()
-            result.audit_id = row.id
+            if store.engine.dialect.name != "sqlite":
+                s.flush()
+            undo = _move(store, mv, alias, previous, stage) if moved else None
+            try:
+                s.flush()
+                result.audit_id = row.id
+                s.commit()
+            except BaseException:
+                if undo is not None:
+                    undo()
+                raise
         if prompt_art is not None and moved and run_of(mv):
             from llmops.registry.versions import _draw_lineage
 
-            _draw_lineage(store, _artifact(store, name, version).id, run_of(mv))
+            _draw_lineage(store, model_art.id, run_of(mv))
     return result
+
+
+def _move(store: Store, mv, alias: str, previous: str | None, stage: str | None):  # noqa: ANN001, ANN202
+    """Point ``alias`` (and the optional stage) at ``mv``; returns how to put them back."""
+    client = store.mlflow
+    old_stage = getattr(mv, "current_stage", None) or "None"
+    client.set_registered_model_alias(mv.name, alias, str(mv.version))
+    try:
+        if stage:
+            client.transition_model_version_stage(mv.name, str(mv.version), stage)
+    except BaseException:
+        _restore(client, mv, alias, previous, None)
+        raise
+    return lambda: _restore(client, mv, alias, previous, old_stage if stage else None)
+
+
+def _restore(client, mv, alias: str, previous: str | None, old_stage: str | None) -> None:  # noqa: ANN001
+    """Best effort: the alias back on its previous holder (or gone), the stage as it was."""
+    import sys
+
+    steps = [(lambda: client.set_registered_model_alias(mv.name, alias, previous)) if previous is not None
+             else (lambda: client.delete_registered_model_alias(mv.name, alias))]
+    if old_stage is not None:
+        steps.append(lambda: client.transition_model_version_stage(mv.name, str(mv.version), old_stage))
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001 - the original error is what matters
+            sys.stderr.write(f"warning: could not put @{alias} of {mv.name} back: {exc}\n")
 
 
 def audit(store: Store, name: str) -> list[dict[str, Any]]:

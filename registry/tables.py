@@ -118,8 +118,14 @@ class Hardware(Base):
 
 
 class BenchmarkResult(Base):
+    """One measured value, with the machine and the protocol it was measured under
+    (``llmops.registry.protocols``): only results of one protocol are compared."""
+
     __tablename__ = "llmops_benchmark_results"
-    __table_args__ = (Index("ix_llmops_bench_artifact_hw", "artifact_id", "hardware_id"),)
+    __table_args__ = (
+        Index("ix_llmops_bench_artifact_hw", "artifact_id", "hardware_id"),
+        Index("ix_llmops_bench_protocol_key", "protocol_key"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("llmops_runs.id"))
@@ -131,6 +137,8 @@ class BenchmarkResult(Base):
     value: Mapped[float] = mapped_column(Float)
     unit: Mapped[str | None] = mapped_column(String(16))
     eval_dataset_id: Mapped[int | None] = mapped_column(ForeignKey("llmops_artifacts.id"))
+    protocol: Mapped[dict[str, Any]] = mapped_column(JSON)
+    protocol_key: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

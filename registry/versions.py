@@ -1,11 +1,13 @@
 """Registered model versions: MLflow holds the version, we hold the bytes' identity.
 
 A registration is one operation across two databases: the MLflow run (with its
-parameters, metrics and the artifact) and model version, then our artifact,
-version, lineage and run rows in one transaction. If our transaction fails,
-the MLflow side is deleted again, so a failed registration leaves no version
-behind. The same bytes registered twice are one artifact and one stored copy
-(MLflow's local artifact store copies bytes, so each blob is logged once).
+parameters, metrics, dataset inputs and the artifact) and model version, then our
+artifact, version, lineage and run rows, and the results of any evaluation that
+came with it (``convert --verify``), in one transaction; only then is the MLflow run
+terminated. If anything fails, the MLflow side is deleted again (and rows already
+committed are removed), so a failed registration leaves no version, no active run
+and no rows behind. The same bytes registered twice are one artifact and one stored
+copy (MLflow's local artifact store copies bytes, so each blob is logged once).
 """
 
 from __future__ import annotations
@@ -18,15 +20,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, event, select
 
 from llmops.core.errors import LLMOpsError, UsageError
 from llmops.core.hashing import sha256_path, size_of
 from llmops.registry import artifacts
+from llmops.registry import evaluations as _evaluations
+from llmops.registry.datasets import DatasetInfo, mlflow_input
 from llmops.registry.refs import Ref, is_ref, parse_ref, validate_name
 from llmops.registry.locks import named_lock
 from llmops.registry.store import Store, actor
-from llmops.registry.tables import Artifact, LineageEdge, Run, Version, utcnow
+from llmops.registry.tables import Artifact, BenchmarkResult, Hardware, LineageEdge, Run, Version, utcnow
 
 ARTIFACT_PATH = "model"
 
@@ -59,6 +63,7 @@ class ParentSpec:
     ref_or_path: str
     relation: str = "converted_from"
     parameters: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None  # of a path, when the caller has hashed it already
 
 
 def _ms_to_iso(ms: int | None) -> str | None:
@@ -136,7 +141,7 @@ def _parent_artifact(store: Store, session, parent: ParentSpec) -> Artifact:  # 
         raise UsageError(f"--from {parent.ref_or_path}: no such file or folder")
     return artifacts.upsert(
         session,
-        sha256=sha256_path(path),
+        sha256=parent.sha256 or sha256_path(path),
         kind="checkpoint",
         name=path.name,
         uri=path.as_uri(),
@@ -162,7 +167,14 @@ def register(
     tool_versions: dict[str, str] | None = None,
     command: str = "models register",
     sha256: str | None = None,
+    evaluations: list[_evaluations.Evaluation] | None = None,
+    dataset_inputs: list[tuple[DatasetInfo, str]] | None = None,
 ) -> VersionInfo:
+    """Register the bytes at ``path`` as a new version of ``name``, all or nothing.
+
+    ``evaluations`` (figures measured on these bytes, e.g. by ``convert --verify``) become
+    benchmark results and ``evaluated_on`` edges in the registration's transaction;
+    ``dataset_inputs`` (dataset version, context) are logged as inputs of its MLflow run."""
     validate_name(name, "model name")
     src = Path(path).expanduser().resolve()
     if not src.exists():
@@ -204,6 +216,8 @@ def register(
     run_id = run.info.run_id
     created_model = False
     mv = None
+    written = _Written()
+    undone = False
     try:
         from mlflow.entities import Metric, Param
 
@@ -218,6 +232,8 @@ def register(
         )
         for k, v in (tool_versions or {}).items():
             client.set_tag(run_id, f"llmops.version.{k}", str(v))
+        if dataset_inputs:
+            client.log_inputs(run_id, [mlflow_input(info, context) for info, context in dataset_inputs])
         if stored is None:
             if src.is_dir():
                 client.log_artifacts(run_id, str(src), ARTIFACT_PATH)
@@ -230,59 +246,117 @@ def register(
         # versions by reading the last one, and two bytes-identical artifacts must be one row.
         with named_lock(store, f"register:{name}"):
             try:
-                client.create_registered_model(name)
-                created_model = True
-            except Exception as exc:  # noqa: BLE001 - already exists is fine
-                if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-                    raise
-            # Behind a tracking server MLflow only accepts a source inside the version's own
-            # run; bytes stored by an earlier run keep that run as the version's MLflow run, and
-            # this registration's run (parameters, metrics, lineage picture) is named in a tag.
-            source_run = run_id
-            if stored is not None and not store.settings.tracking_is_local_db:
-                source_run = _run_id_in(stored_source) or run_id
-            mv = client.create_model_version(name, stored_source, run_id=source_run,
-                                             tags={**version_tags, RUN_TAG: run_id})
+                try:
+                    client.create_registered_model(name)
+                    created_model = True
+                except Exception as exc:  # noqa: BLE001 - already exists is fine
+                    if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                        raise
+                # Behind a tracking server MLflow only accepts a source inside the version's own
+                # run; bytes stored by an earlier run keep that run as the version's MLflow run, and
+                # this registration's run (parameters, metrics, lineage picture) is named in a tag.
+                source_run = run_id
+                if stored is not None and not store.settings.tracking_is_local_db:
+                    source_run = _run_id_in(stored_source) or run_id
+                mv = client.create_model_version(name, stored_source, run_id=source_run,
+                                                 tags={**version_tags, RUN_TAG: run_id})
 
-            with store.session() as s:
-                art = artifacts.by_sha(s, sha)
-                meta = {"stored": True, "source": stored_source, "is_dir": src.is_dir(), "filename": src.name}
-                if art is None:
-                    art = Artifact(
-                        kind="model", name=name, version=str(mv.version), uri=stored_uri, sha256=sha,
-                        size_bytes=size, format=fmt, quant=quant, meta=meta, created_by=actor(),
+                with store.session() as s:
+                    event.listen(s, "after_flush", written.collect)
+                    art = artifacts.by_sha(s, sha)
+                    meta = {"stored": True, "source": stored_source, "is_dir": src.is_dir(), "filename": src.name}
+                    if art is None:
+                        art = Artifact(
+                            kind="model", name=name, version=str(mv.version), uri=stored_uri, sha256=sha,
+                            size_bytes=size, format=fmt, quant=quant, meta=meta, created_by=actor(),
+                        )
+                        s.add(art)
+                        s.flush()
+                    elif not art.meta.get("stored"):
+                        # Known before only as a lineage parent (a path outside the store): now it is stored.
+                        written.restore = (art.id, {"kind": art.kind, "uri": art.uri, "meta": dict(art.meta),
+                                                    "format": art.format, "quant": art.quant})
+                        art.kind, art.uri, art.meta = "model", stored_uri, {**art.meta, **meta}
+                        art.format, art.quant = art.format or fmt, art.quant or quant
+                    run_row = Run(
+                        kind=command.split()[0], command=command, parameters={**all_params, "name": name},
+                        tool_versions=tool_versions or {}, status="finished", finished_at=utcnow(),
+                        seconds=time.time() - t0, mlflow_run_id=run_id,
                     )
-                    s.add(art)
+                    s.add(run_row)
                     s.flush()
-                elif not art.meta.get("stored"):
-                    # Known before only as a lineage parent (a path outside the store): now it is stored.
-                    art.kind, art.uri, art.meta = "model", stored_uri, {**art.meta, **meta}
-                    art.format, art.quant = art.format or fmt, art.quant or quant
-                run_row = Run(
-                    kind=command.split()[0], command=command, parameters={**all_params, "name": name},
-                    tool_versions=tool_versions or {}, status="finished", finished_at=utcnow(),
-                    seconds=time.time() - t0, mlflow_run_id=run_id,
-                )
-                s.add(run_row)
-                s.flush()
-                s.add(Version(kind="model", name=name, version=str(mv.version), artifact_id=art.id, mlflow_run_id=run_id))
-                linked: set[tuple[int, str]] = set()
-                for p in parents:
-                    parent_art = _parent_artifact(store, s, p)
-                    key = (parent_art.id, p.relation)
-                    if parent_art.id == art.id or key in linked or s.scalars(select(LineageEdge.id).where(
-                            LineageEdge.parent_id == parent_art.id, LineageEdge.child_id == art.id,
-                            LineageEdge.relation == p.relation)).first() is not None:
-                        continue  # the same parent named twice (by path and by reference) is one edge
-                    linked.add(key)
-                    s.add(LineageEdge(parent_id=parent_art.id, child_id=art.id, relation=p.relation,
-                                      parameters=p.parameters, run_id=run_row.id))
-        client.set_terminated(run_id, "FINISHED")
+                    s.add(Version(kind="model", name=name, version=str(mv.version), artifact_id=art.id, mlflow_run_id=run_id))
+                    linked: set[tuple[int, str]] = set()
+                    for p in parents:
+                        parent_art = _parent_artifact(store, s, p)
+                        key = (parent_art.id, p.relation)
+                        if parent_art.id == art.id or key in linked or s.scalars(select(LineageEdge.id).where(
+                                LineageEdge.parent_id == parent_art.id, LineageEdge.child_id == art.id,
+                                LineageEdge.relation == p.relation)).first() is not None:
+                            continue  # the same parent named twice (by path and by reference) is one edge
+                        linked.add(key)
+                        s.add(LineageEdge(parent_id=parent_art.id, child_id=art.id, relation=p.relation,
+                                          parameters=p.parameters, run_id=run_row.id))
+                    s.flush()
+                    for evaluation in evaluations or []:
+                        _evaluations.write(s, art.id, evaluation, run_row)
+                    s.flush()
+                    art_id = art.id
+                # Our rows are committed; the run is terminated last. Two databases cannot commit
+                # together (and on SQLite they share one file, so MLflow cannot write while our
+                # transaction is open): if the termination fails, the committed rows are removed.
+                try:
+                    client.set_terminated(run_id, "FINISHED")
+                except BaseException:
+                    written.remove(store)
+                    raise
+            except BaseException:
+                # Undone while the lock is held: no other registration of this name can have
+                # started on a registered model that this one created.
+                undone = True
+                _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
+                raise
     except BaseException:
-        _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
+        if not undone:
+            _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
         raise
-    _draw_lineage(store, art.id, run_id)
+    _draw_lineage(store, art_id, run_id)
     return show(store, Ref("model", name, str(mv.version)))
+
+
+# Rows a registration inserts, in the order they can be deleted (children first).
+_UNDO_ORDER = (BenchmarkResult, LineageEdge, Version, Run, Artifact, Hardware)
+
+
+class _Written:
+    """What a registration's transaction inserted (and the one row it may change), so that the
+    rows can be removed again when the MLflow side fails after the commit."""
+
+    def __init__(self) -> None:
+        self.inserted: dict[type, set[int]] = {}
+        self.restore: tuple[int, dict[str, Any]] | None = None
+
+    def collect(self, session, _context) -> None:  # noqa: ANN001 - SQLAlchemy's after_flush hook
+        for obj in session.new:
+            if type(obj) in _UNDO_ORDER:
+                self.inserted.setdefault(type(obj), set()).add(obj.id)
+
+    def remove(self, store: Store) -> None:
+        try:
+            with store.session() as s:
+                for table in _UNDO_ORDER:
+                    ids = self.inserted.get(table)
+                    if ids:
+                        s.execute(delete(table).where(table.id.in_(sorted(ids))))
+                if self.restore is not None:
+                    art = s.get(Artifact, self.restore[0])
+                    if art is not None:
+                        for k, v in self.restore[1].items():
+                            setattr(art, k, v)
+        except Exception as exc:  # noqa: BLE001 - best effort; the original error is what matters
+            import sys
+
+            sys.stderr.write(f"warning: could not remove the rows of a failed registration: {exc}\n")
 
 
 def _draw_lineage(store: Store, artifact_id: int, run_id: str) -> None:
@@ -300,14 +374,15 @@ def _draw_lineage(store: Store, artifact_id: int, run_id: str) -> None:
 def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: str | None) -> None:  # noqa: ANN001
     """Compensate a half-done registration on the MLflow side (best effort).
 
-    MLflow's delete_run is a soft delete that keeps the artifacts; bytes this
-    registration copied into a local store are removed here.
+    The run is marked FAILED, then deleted (MLflow's delete_run is a soft delete that
+    keeps the artifacts; bytes this registration copied into a local store are removed here).
     """
     logged = artifacts.local_path(logged_uri) if logged_uri else None
     for step in (
         (lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
         (lambda: client.delete_model_version(name, mv.version)) if mv is not None else None,
         (lambda: client.delete_registered_model(name)) if created_model else None,
+        lambda: client.set_terminated(run_id, "FAILED"),
         lambda: client.delete_run(run_id),
     ):
         if step is None:

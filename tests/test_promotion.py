@@ -23,15 +23,23 @@ def _register(cli, tmp_path: Path, name: str, payload: bytes) -> str:
 
 
 def _bench(store_env, name: str, version: str, **metrics: float) -> None:
-    """Record benchmark results the way `llmops bench` does."""
+    """Record benchmark results the way `llmops bench` does (16 chunks, 3 runs of 512 + 128 tokens)."""
+    from types import SimpleNamespace
+
+    from llmops.app.recording import bench_protocol
     from llmops.registry import results
     from llmops.registry.promotion import _artifact
 
+    opts = SimpleNamespace(metrics={"memory", "latency", "accuracy"}, device="cpu", threads=2, ctx=512, chunks=16,
+                           runs=3, prompt_tokens=512, decode_tokens=128)
+    details = {"backend": "llama.cpp", "chunks": 16, "ctx": 512, "prompt_tokens": 512, "decode_tokens": 128, "runs": 3}
     store = store_env.store()
     art = _artifact(store, name, version)
     with store.session() as s:
         results.record(s, artifact_id=art.id, hardware=HW, backend="llama.cpp", device="cpu",
-                       measurements=[results.Measurement(k, v) for k, v in metrics.items()])
+                       measurements=[results.Measurement(k, v, None, bench_protocol(
+                           k, details, opts, eval_sha256="e" * 64, baseline_sha256=None, tools={"llmops": "test"}))
+                           for k, v in metrics.items()])
 
 
 def test_gates_pass_move_the_alias_and_fail_leaves_it(store_env, cli, tmp_path) -> None:
@@ -52,6 +60,10 @@ def test_gates_pass_move_the_alias_and_fail_leaves_it(store_env, cli, tmp_path) 
     gates = {g["metric"]: g for g in d["gates"]}
     assert gates["ppl_ratio"]["passed"] is False and gates["ppl_ratio"]["measured"] == pytest.approx(31 / 30)
     assert gates["decode_tps_ratio"]["passed"] is True
+    # Each gate names the protocol its figures were read under.
+    assert gates["ppl_ratio"]["protocol_summary"] == "bench ppl, 16 chunks x 512, llama.cpp, 2 threads, cpu"
+    assert gates["decode_tps_ratio"]["protocol_summary"].startswith("bench decode_tps, 512-token prompt, 128 decoded")
+    assert len(gates["ppl_ratio"]["protocol"]) == 12 and gates["ppl_ratio"]["protocol"] != gates["decode_tps_ratio"]["protocol"]
     assert len(r.err.strip().splitlines()) == 1 and "failed its gates" in r.err
 
     from mlflow import MlflowClient
@@ -62,6 +74,7 @@ def test_gates_pass_move_the_alias_and_fail_leaves_it(store_env, cli, tmp_path) 
     audit = cli("--json", "promotions", "list", "chat").json()
     assert [(a["version"], a["verdict"], a["previous_version"]) for a in audit] == [(v1, "passed", None), (v2, "failed", v1)]
     assert audit[1]["gates"][0]["measured"] == pytest.approx(31 / 30)
+    assert audit[1]["gates"][0]["protocol"] == gates["ppl_ratio"]["protocol"]
 
     human = cli("promotions", "list", "chat")
     assert "failed" in human.out and "passed" in human.out

@@ -162,6 +162,12 @@ def test_failed_registration_leaves_no_version_no_rows_no_bytes(store_env, cli, 
 
     client = MlflowClient(tracking_uri=store_env.db_url, registry_uri=store_env.db_url)
     assert [m.name for m in client.search_registered_models()] == ["ok-model"]
+    from mlflow.entities import ViewType
+
+    exps = [e.experiment_id for e in client.search_experiments()]
+    active = client.search_runs(exps, run_view_type=ViewType.ACTIVE_ONLY)
+    assert [r.data.tags.get("llmops.model") for r in active] == ["ok-model"]  # the failed run is gone
+    assert all(r.info.status == "FINISHED" for r in active)
     store = store_env.store()
     assert _count(store, Artifact) == 1 and _count(store, Version) == 1
     assert not any((store_env.store_dir / "artifacts").rglob("g.bin"))

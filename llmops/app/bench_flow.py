@@ -36,6 +36,7 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
     from llmops.benchmarks.jobs import MAX_MEMORY_ENV
 
     from llmops.benchmarks.bench import METRICS, BenchOptions, bench_artifact
+    from llmops.core.hashing import sha256_path
     from llmops.core.settings import cache_dir
     from llmops.registry.refs import is_ref
 
@@ -63,6 +64,9 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
             return Path(a).resolve()
 
         base_path = local(baseline) if baseline else None
+        base_sha = None  # the baseline's bytes are part of the protocol of KLD and top-1
+        if record and store is not None and base_path is not None and "accuracy" in wanted:
+            base_sha = resolve_artifact(store, baseline).sha256 if is_ref(baseline) else sha256_path(base_path)
         opts = BenchOptions(metrics=wanted, device=device, threads=threads or os.cpu_count(), text=ev.text if ev else None, ctx=ctx,
                             chunks=chunks, baseline=base_path, runs=runs, prompt_tokens=prompt_tokens,
                             decode_tokens=decode_tokens, cache_dir=cache_dir() / "logits")
@@ -73,7 +77,8 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
             row = {"artifact": a, **res["details"], **res["metrics"]}
             if record and store is not None:
                 row.update(record_bench(store, path=path, ref=a if is_ref(a) else None, res=res, ev=ev,
-                                         dataset_info=dataset_info, opts=opts, seconds=time.time() - t0))
+                                         dataset_info=dataset_info, opts=opts, seconds=time.time() - t0,
+                                         baseline_sha256=base_sha))
             rows.append(row)
     return {"eval_text": {"sha256": ev.sha256, "source": ev.source} if ev else None, "baseline": baseline, "rows": rows}
 
@@ -94,26 +99,29 @@ def _env(key: str, value: str):  # noqa: ANN202
 
 
 def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> dict[str, Any]:  # noqa: ANN001
+    """One table from recorded results: one machine (unless ``any_hardware``) and, per column, one
+    protocol (``bench`` results before ``verify``); a cell measured otherwise is left empty."""
     from llmops.registry import results
     from llmops.registry.versions import resolve_artifact, resolve_model_version
 
     store = state.store()
-    rows, fp = [], None
-    for ref in refs:
-        art = resolve_artifact(store, ref)
-        with store.session() as s:
-            rs = results.latest(s, art.id, None if any_hardware else fp)
-        if fp is None and not any_hardware:
-            fp = rs.hardware_fingerprint
+    arts = [resolve_artifact(store, ref) for ref in refs]
+    cmp = results.compare(store, [a.id for a in arts], any_hardware)
+    rows = []
+    for ref, art, rs, left_out in zip(refs, arts, cmp.rows, cmp.left_out):
         m = dict(rs.metrics)
         m.setdefault("file_mb", art.size_bytes / (1024 * 1024))
-        rows.append({"ref": ref, "label": ref.split(":/", 1)[-1], "format": art.format, "quant": art.quant,
-                     "hardware": rs.hardware_fingerprint, **m})
+        row = {"ref": ref, "label": ref.split(":/", 1)[-1], "format": art.format, "quant": art.quant,
+               "hardware": rs.hardware_fingerprint, **m}
+        if left_out:
+            row["left_out"] = left_out
+        rows.append(row)
     base_ppl = rows[0].get("ppl") if rows else None
     for r in rows:
         if r.get("ppl") and base_ppl:
             r["dppl_pct"] = 100.0 * (r["ppl"] / base_ppl - 1.0)
-    out: dict[str, Any] = {"hardware": fp, "rows": rows, "plot": None}
+    out: dict[str, Any] = {"hardware": cmp.hardware_fingerprint, "rows": rows, "plot": None,
+                           "protocols": {m: c.to_dict() for m, c in cmp.columns.items()}}
     if plot:
         from llmops.benchmarks.bench import tradeoff_plot
 

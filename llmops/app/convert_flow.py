@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from llmops.app.output import log
-from llmops.app.recording import eval_dataset_name, register_evaluation
+from llmops.app.recording import eval_dataset_name, verification_evaluation
 from llmops.core.errors import UsageError
-from llmops.registry.versions import run_of
 
 
 def run_convert(state, *, source: str, target: str, output: str | None, register_name: str | None, verify: bool,  # noqa: ANN001
@@ -75,13 +74,19 @@ def run_convert(state, *, source: str, target: str, output: str | None, register
 
 def _register_converted(store, record, name: str, source: str, target: str, device: str, threads: int | None,  # noqa: ANN001
                         ev, calib_info) -> dict[str, str]:  # noqa: ANN001
+    """One registration, all or nothing: the version with its lineage, the calibration and eval
+    datasets as inputs of its run, and the verification figures as results (``verify`` protocol)."""
     from llmops.benchmarks.runners import backend_for
+    from llmops.core.hashing import sha256_path
     from llmops.registry import datasets
     from llmops.registry.refs import is_ref
-    from llmops.registry.versions import ParentSpec, register
+    from llmops.registry.versions import ParentSpec, register, resolve_artifact
 
+    # The source is the baseline of the verification: its bytes are part of the protocol.
+    source_sha = resolve_artifact(store, source).sha256 if is_ref(source) else sha256_path(Path(source).resolve())
     parent = source if is_ref(source) else str(Path(source).resolve())
-    parents = [ParentSpec(parent, "converted_from", {"target": target})]
+    parents = [ParentSpec(parent, "converted_from", {"target": target}, sha256=None if is_ref(source) else source_sha)]
+    inputs = []
     calib = record.parameters.get("calibration")
     if isinstance(calib, dict):
         # The calibration text becomes a dataset version (content-addressed: the same
@@ -93,22 +98,24 @@ def _register_converted(store, record, name: str, source: str, target: str, devi
             calib_info = datasets.add(store, ds_name, cal_path, "calibration text used by llmops")
         edge = {k: v for k, v in calib.items() if k != "path"}
         parents.append(ParentSpec(calib_info.uri, "calibrated_with", {"dataset": calib_info.uri, **edge}))
+    if calib_info is not None:
+        inputs.append((calib_info, "calibration"))
+    evaluations = []
+    if record.verification and ev is not None:
+        evaluation = verification_evaluation(store, ev, record.verification, record.parameters,
+                                              backend=backend_for(record.output), device=device, threads=threads,
+                                              source_sha256=source_sha)
+        evaluations.append(evaluation)
+        if evaluation.dataset is not None:
+            inputs.append((evaluation.dataset, "evaluation"))
     params = {k: v for k, v in record.parameters.items() if not isinstance(v, dict)}
     params.update(target=target, device=device)
     log(f"registering {record.output} as {name}")
     v = register(store, record.output, name, fmt=record.format, quant=record.quant,
                  bits_per_weight=record.bits_per_weight, sha256=record.sha256, parents=parents,
                  params=params, metrics=record.verification, tool_versions=record.tool_versions,
-                 command=f"convert --to {target}", tags=_extra_tags(record))
-    if calib_info is not None:
-        from llmops.registry.versions import resolve_model_version
-
-        mv = resolve_model_version(store, v.uri)
-        if run_of(mv):
-            datasets.log_use(store, run_of(mv), calib_info, "calibration")
-    if record.verification and ev is not None:
-        register_evaluation(store, name, v.version, ev, record.verification, backend_for(record.output), device,
-                            threads)
+                 command=f"convert --to {target}", tags=_extra_tags(record), evaluations=evaluations,
+                 dataset_inputs=inputs)
     return {"name": v.name, "version": v.version, "uri": v.uri}
 
 

@@ -1,19 +1,29 @@
 """What a convert or bench run leaves in the registry: datasets, results, lineage, MLflow metrics.
 
-The application layer decides *what* is recorded; the registry (``llmops.registry``) owns
-the rows and how they are written.
+The application layer decides *what* is recorded (which figures, under which protocol);
+the registry (``llmops.registry``) owns the rows and how they are written. Nothing here
+touches a table or a session.
+
+Every result carries its protocol: the kind of job (``verify`` for ``convert --verify``,
+``bench`` for ``llmops bench``), the metric family and what decides its value (eval
+text, context, chunks, scored positions, baseline, backend, threads, device, tool
+versions; for latency the prompt and decode lengths and the number of runs). Results
+of different protocols are never compared (``llmops.registry.protocols``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-from llmops.registry.versions import run_of
-
 # Verification metrics as benchmark metrics (what promotion gates read).
 VERIFY_METRICS = {"ppl_output": ("ppl", None), "kld": ("kld", None), "top1_agreement": ("top1", None)}
+# How llama-perplexity scores a window (and so do we): only its second half.
+SCORED = "second_half"
+# Tools a runtime needs beyond the base stack (llmops.core.toolversions.TOOLS keys).
+RUNTIME_TOOLS = {"onnx": ("onnxruntime", "onnxruntime_genai"), "gptq": ("gptqmodel", "optimum")}
 
 
 def eval_dataset_name(ev) -> str:  # noqa: ANN001 - llmops.core.evaltext.EvalText
@@ -22,87 +32,132 @@ def eval_dataset_name(ev) -> str:  # noqa: ANN001 - llmops.core.evaltext.EvalTex
     return re.sub(r"[^A-Za-z0-9._-]", "-", Path(str(ev.path)).stem)[:100] or "eval-text"
 
 
-def register_evaluation(store, model_name: str, version: str, ev, verification: dict[str, float], backend: str,  # noqa: ANN001
-                        device: str, threads: int | None) -> None:
-    """The eval text becomes a dataset (content-addressed), an input of the version's run, an
-    ``evaluated_on`` edge, and the verification figures become benchmark results on this machine."""
+def runtime_tools(backend: str) -> dict[str, str]:
+    """The versions of what measured a result: the base stack and the backend's own packages."""
+    from llmops.core.toolversions import tool_versions
+
+    return tool_versions(*RUNTIME_TOOLS.get(backend, ()))
+
+
+# -- protocols -----------------------------------------------------------------------
+def accuracy_protocol(kind: str, metric: str, *, eval_sha256: str | None, ctx: int, chunks: int, backend: str,
+                      threads: int | None, device: str, baseline_sha256: str | None = None,
+                      tools: dict[str, str] | None = None) -> dict[str, Any]:
+    """Perplexity by llama-perplexity's method on ``chunks`` windows of ``ctx`` tokens; the
+    baseline's bytes count only for the metrics measured against it (KLD, top-1, ...)."""
+    from llmops.registry.protocols import BASELINE_METRICS
+
+    p: dict[str, Any] = {"kind": kind, "family": "accuracy", "eval_sha256": eval_sha256, "ctx": ctx,
+                         "chunks": chunks, "scored": SCORED, "backend": backend, "threads": threads,
+                         "device": device, "tools": tools if tools is not None else runtime_tools(backend)}
+    if metric in BASELINE_METRICS:
+        p["baseline_sha256"] = baseline_sha256
+    return p
+
+
+def latency_protocol(kind: str, *, eval_sha256: str | None, ctx: int, prompt_tokens: int, decode_tokens: int,
+                     runs: int, backend: str, threads: int | None, device: str,
+                     tools: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"kind": kind, "family": "latency", "eval_sha256": eval_sha256, "ctx": ctx, "prompt_tokens": prompt_tokens,
+            "decode_tokens": decode_tokens, "runs": runs, "backend": backend, "threads": threads, "device": device,
+            "tools": tools if tools is not None else runtime_tools(backend)}
+
+
+def memory_protocol(kind: str, *, ctx: int, backend: str, threads: int | None, device: str,
+                    workload: dict[str, int] | None = None, tools: dict[str, str] | None = None) -> dict[str, Any]:
+    """Load time and peak memory: of a load alone, or over the latency runs (``workload``)."""
+    return {"kind": kind, "family": "memory", "ctx": ctx, "workload": workload or "load", "backend": backend,
+            "threads": threads, "device": device, "tools": tools if tools is not None else runtime_tools(backend)}
+
+
+def bytes_protocol(kind: str) -> dict[str, Any]:
+    """File size and bits per weight: properties of the bytes, whatever ran them."""
+    return {"kind": kind, "family": "memory", "measure": "bytes"}
+
+
+def bench_protocol(metric: str, details: dict[str, Any], opts, *, eval_sha256: str | None,  # noqa: ANN001
+                   baseline_sha256: str | None, tools: dict[str, str]) -> dict[str, Any]:
+    """The protocol of one metric of an ``llmops bench`` result (``details``: bench_artifact's)."""
+    from llmops.registry.protocols import family_of
+
+    backend, threads, device = details["backend"], opts.threads, opts.device
+    family = family_of(metric)
+    if metric in ("file_mb", "bits_per_weight"):
+        return bytes_protocol("bench")
+    if family == "accuracy":
+        return accuracy_protocol("bench", metric, eval_sha256=eval_sha256, ctx=details.get("ctx", opts.ctx),
+                                 chunks=details.get("chunks", opts.chunks), backend=backend, threads=threads,
+                                 device=device, baseline_sha256=baseline_sha256, tools=tools)
+    if family == "latency":
+        return latency_protocol("bench", eval_sha256=eval_sha256, ctx=opts.ctx,
+                                prompt_tokens=details.get("prompt_tokens", opts.prompt_tokens),
+                                decode_tokens=details.get("decode_tokens", opts.decode_tokens),
+                                runs=details.get("runs", opts.runs), backend=backend, threads=threads, device=device,
+                                tools=tools)
+    workload = None
+    if "latency" in opts.metrics:  # the memory was sampled over the timed runs
+        workload = {"prompt_tokens": details.get("prompt_tokens", opts.prompt_tokens),
+                    "decode_tokens": details.get("decode_tokens", opts.decode_tokens),
+                    "runs": details.get("runs", opts.runs)}
+    return memory_protocol("bench", ctx=opts.ctx, backend=backend, threads=threads, device=device, workload=workload,
+                           tools=tools)
+
+
+# -- convert --verify ------------------------------------------------------------------
+def verification_evaluation(store, ev, verification: dict[str, float], parameters: dict[str, Any], *,  # noqa: ANN001
+                            backend: str, device: str, threads: int | None, source_sha256: str | None):
+    """The verification figures of ``convert --verify`` as an evaluation that travels with the
+    registration (``register(evaluations=[...])``): the eval text becomes a dataset version
+    (content-addressed, added first: it is shared by every registration that uses it), the
+    figures benchmark results on this machine under the ``verify`` protocol."""
     from llmops.benchmarks.hardware import profile
-    from llmops.registry import datasets, results
-    from llmops.registry.tables import LineageEdge
-    from llmops.registry.versions import artifact_for, resolve_model_version
+    from llmops.registry import datasets
+    from llmops.registry.evaluations import Evaluation
+    from llmops.registry.results import Measurement
 
     info = datasets.add(store, eval_dataset_name(ev), ev.path, "eval text used by llmops") if ev.path else None
-    mv = resolve_model_version(store, f"models:/{model_name}/{version}")
-    art = artifact_for(store, "model", model_name, version)
-    if info is not None and run_of(mv):
-        datasets.log_use(store, run_of(mv), info, "evaluation")
-    with store.session() as s:
-        dataset_art = None
-        if info is not None:
-            from llmops.registry.artifacts import by_sha
-
-            dataset_art = by_sha(s, info.sha256)
-            s.add(LineageEdge(parent_id=dataset_art.id, child_id=art.id, relation="evaluated_on",
-                              parameters={"dataset": info.uri, "purpose": "verification"}))
-        measurements = [results.Measurement(name, verification[key], unit)
-                        for key, (name, unit) in VERIFY_METRICS.items() if verification.get(key) is not None]
-        results.record(s, artifact_id=art.id, hardware=profile(threads, device), backend=backend, device=device,
-                       measurements=measurements, eval_dataset_id=dataset_art.id if dataset_art else None)
+    run = parameters.get("verification") or {}
+    # verify_record runs the evaluation on ``threads or os.cpu_count()`` threads
+    used_threads = threads or os.cpu_count()
+    tools = runtime_tools(backend)
+    measurements = [
+        Measurement(name, verification[key], unit,
+                    accuracy_protocol("verify", name, eval_sha256=ev.sha256, ctx=run.get("n_ctx", 512),
+                                      chunks=run.get("chunks"), backend=backend, threads=used_threads, device=device,
+                                      baseline_sha256=source_sha256, tools=tools))
+        for key, (name, unit) in VERIFY_METRICS.items() if verification.get(key) is not None]
+    return Evaluation(measurements=measurements, hardware=profile(threads, device), backend=backend, device=device,
+                      dataset=info, purpose="verification")
 
 
+# -- llmops bench ------------------------------------------------------------------------
 def record_bench(store, *, path: Path, ref: str | None, res: dict[str, Any], ev, dataset_info, opts,  # noqa: ANN001
-                  seconds: float) -> dict[str, Any]:
-    """Results into our tables (with the hardware) and, for a registered version, onto its MLflow run."""
-    import time as _time
-
+                 seconds: float, baseline_sha256: str | None = None) -> dict[str, Any]:
+    """Results into our tables (with the hardware and protocol) and, for a registered version,
+    onto its MLflow run."""
     from llmops.benchmarks.hardware import profile
     from llmops.core.toolversions import tool_versions
-    from llmops.core.hashing import sha256_path, size_of
-    from llmops.registry import artifacts, datasets, results
-    from llmops.registry.store import actor
-    from llmops.registry.tables import LineageEdge, Run, utcnow
-    from llmops.registry.versions import resolve_artifact, resolve_model_version
+    from llmops.registry import datasets, evaluations
+    from llmops.registry.results import Measurement
 
-    if dataset_info is None and ev is not None and ev.path and "accuracy" in opts.metrics:
+    accuracy = "accuracy" in opts.metrics
+    if dataset_info is None and ev is not None and ev.path and accuracy:
         dataset_info = datasets.add(store, eval_dataset_name(ev), ev.path, "eval text used by llmops")
-    hw = profile(opts.threads, opts.device)
-    mv = resolve_model_version(store, ref) if ref and ref.startswith("models:/") else None
-    with store.session() as s:
-        if ref:
-            art = s.get(type(resolve_artifact(store, ref)), resolve_artifact(store, ref).id)
-        else:
-            d = res["details"]
-            art = artifacts.upsert(s, sha256=sha256_path(path), kind="model" if d["format"] in ("gguf", "onnx", "gptq")
-                                   else "checkpoint", name=path.name, uri=path.as_uri(), size_bytes=size_of(path),
-                                   format=d["format"], quant=d["quant"], meta={"stored": False}, created_by=actor())
-        ds_art = artifacts.by_sha(s, dataset_info.sha256) if dataset_info else None
-        run = Run(kind="bench", command="bench", parameters={**res["details"], "artifact": ref or str(path),
-                                                               "metrics": sorted(opts.metrics)},
-                  tool_versions=tool_versions(), status="finished", finished_at=utcnow(), seconds=seconds,
-                  mlflow_run_id=run_of(mv) if mv else None)
-        s.add(run)
-        s.flush()
-        units = {k: results.Measurement(k, v, _unit(k)) for k, v in res["metrics"].items() if v == v}
-        results.record(s, artifact_id=art.id, hardware=hw, backend=res["details"]["backend"], device=opts.device,
-                       measurements=list(units.values()), run=run, eval_dataset_id=ds_art.id if ds_art else None)
-        if ds_art is not None and "accuracy" in opts.metrics:
-            from sqlalchemy import select
-
-            if s.scalars(select(LineageEdge).where(LineageEdge.parent_id == ds_art.id, LineageEdge.child_id == art.id,
-                                                   LineageEdge.relation == "evaluated_on")).first() is None:
-                s.add(LineageEdge(parent_id=ds_art.id, child_id=art.id, relation="evaluated_on",
-                                  parameters={"dataset": dataset_info.uri, "purpose": "benchmark"}, run_id=run.id))
-    if mv is not None and run_of(mv):
-        from mlflow.entities import Metric
-
-        ts = int(_time.time() * 1000)
-        store.mlflow.log_batch(run_of(mv), metrics=[Metric(f"bench.{k}", float(v), ts, 0)
-                                                    for k, v in res["metrics"].items() if v == v])
-        if dataset_info is not None and "accuracy" in opts.metrics:
-            datasets.log_use(store, run_of(mv), dataset_info, "evaluation")
-    from llmops.registry.results import fingerprint
-
-    return {"hardware": fingerprint(hw)}
+    d = res["details"]
+    tools = runtime_tools(d["backend"])
+    eval_sha = ev.sha256 if ev is not None else None
+    measurements = [Measurement(k, v, _unit(k), bench_protocol(k, d, opts, eval_sha256=eval_sha,
+                                                                baseline_sha256=baseline_sha256, tools=tools))
+                    for k, v in res["metrics"].items() if v == v]
+    evaluation = evaluations.Evaluation(measurements=measurements, hardware=profile(opts.threads, opts.device),
+                                        backend=d["backend"], device=opts.device, dataset=dataset_info,
+                                        purpose="benchmark", link=accuracy)
+    fp = evaluations.record_bench(
+        store, ref=ref, path=path, kind="model" if d["format"] in ("gguf", "onnx", "gptq") else "checkpoint",
+        fmt=d["format"], quant=d["quant"], evaluation=evaluation,
+        parameters={**d, "artifact": ref or str(path), "metrics": sorted(opts.metrics)},
+        tool_versions=tool_versions(), seconds=seconds, mlflow_metrics=res["metrics"], log_dataset=accuracy)
+    return {"hardware": fp}
 
 
 def _unit(metric: str) -> str | None:
