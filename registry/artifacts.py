@@ -11,11 +11,11 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from llmops.core.errors import LLMOpsError
 from llmops.core.hashing import sha256_path, size_of
+from llmops.registry.db import add_unique
 from llmops.registry.tables import Artifact
 
 
@@ -32,19 +32,7 @@ def upsert(session: Session, *, sha256: str, **fields: Any) -> Artifact:
     if row is not None:
         return row
     row = Artifact(sha256=sha256, meta=fields.pop("meta", None) or {}, **fields)
-    if session.get_bind().dialect.name == "sqlite":  # SQLite writers are serialised
-        session.add(row)
-        session.flush()
-        return row
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except IntegrityError:
-        found = by_sha(session, sha256)
-        if found is None:
-            raise
-        return found
-    return row
+    return add_unique(session, row, lambda: by_sha(session, sha256))  # type: ignore[return-value]
 
 
 def local_path(uri: str) -> Path | None:

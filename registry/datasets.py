@@ -21,6 +21,7 @@ from llmops.registry import artifacts
 from llmops.registry.locks import named_lock
 from llmops.registry.refs import Ref, parse_ref, validate_name
 from llmops.registry.store import Store, actor
+from llmops.registry.db import best_effort
 from llmops.registry.tables import Artifact, Version
 
 ARTIFACT_PATH = "dataset"
@@ -131,15 +132,9 @@ def _undo_run(client, run_id: str, logged_uri: str | None) -> None:  # noqa: ANN
     import shutil
 
     logged = artifacts.local_path(logged_uri) if logged_uri else None
-    for step in ((lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
-                 lambda: client.set_terminated(run_id, "FAILED"),
-                 lambda: client.delete_run(run_id)):
-        if step is None:
-            continue
-        try:
-            step()
-        except Exception:  # noqa: BLE001, S110 - the original error matters
-            pass
+    best_effort((lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
+                lambda: client.set_terminated(run_id, "FAILED"),
+                lambda: client.delete_run(run_id))
 
 
 def mlflow_input(info: DatasetInfo, context: str):  # noqa: ANN201 - mlflow DatasetInput

@@ -8,7 +8,7 @@ PostgreSQL: nothing here or in the queries is SQLite-only.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -117,3 +117,35 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current_revision(engine)
+
+
+def add_unique(session: Session, row: object, find: Callable[[], object | None]) -> object:
+    """Add ``row`` (whose unique key another writer may insert at the same moment) or, if that
+    writer won, return its row: on PostgreSQL inside a savepoint, so the caller's transaction
+    stays alive; SQLite writers are serialised, so there the insert simply goes through."""
+    from sqlalchemy.exc import IntegrityError
+
+    if session.get_bind().dialect.name == "sqlite":
+        session.add(row)
+        session.flush()
+        return row
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        found = find()
+        if found is None:
+            raise
+        return found
+    return row
+
+
+def best_effort(*steps: Callable[[], object] | None) -> None:
+    """Run each clean-up step, ignoring its failure: the error that made us clean up matters."""
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception:  # noqa: BLE001, S110 - see docstring
+            pass

@@ -15,10 +15,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from llmops.registry import protocols
+from llmops.registry.db import add_unique
 from llmops.registry.tables import BenchmarkResult, Hardware, Run, utcnow
 
 PROFILE_KEYS = ("cpu_model", "cores", "isa_flags", "ram_bytes", "gpu_name", "gpu_memory_bytes", "gpu_driver", "cuda_version")
@@ -42,16 +42,7 @@ def upsert_hardware(session: Session, profile: dict[str, Any]) -> Hardware:
         return row
     row = Hardware(fingerprint=fp, **{k: profile.get(k) for k in PROFILE_KEYS if k != "isa_flags"},
                    isa_flags=sorted(profile.get("isa_flags") or []))
-    if session.get_bind().dialect.name == "sqlite":
-        session.add(row)
-        session.flush()
-        return row
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except IntegrityError:
-        return session.scalars(q).one()
-    return row
+    return add_unique(session, row, lambda: session.scalars(q).first())  # type: ignore[return-value]
 
 
 @dataclass

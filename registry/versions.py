@@ -30,6 +30,7 @@ from llmops.registry.datasets import DatasetInfo, mlflow_input
 from llmops.registry.refs import Ref, is_ref, parse_ref, validate_name
 from llmops.registry.locks import named_lock
 from llmops.registry.store import Store, actor
+from llmops.registry.db import best_effort
 from llmops.registry.tables import Artifact, BenchmarkResult, Hardware, LineageEdge, Run, Version, utcnow
 
 ARTIFACT_PATH = "model"
@@ -378,19 +379,13 @@ def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: s
     keeps the artifacts; bytes this registration copied into a local store are removed here).
     """
     logged = artifacts.local_path(logged_uri) if logged_uri else None
-    for step in (
+    best_effort(
         (lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
         (lambda: client.delete_model_version(name, mv.version)) if mv is not None else None,
         (lambda: client.delete_registered_model(name)) if created_model else None,
         lambda: client.set_terminated(run_id, "FAILED"),
         lambda: client.delete_run(run_id),
-    ):
-        if step is None:
-            continue
-        try:
-            step()
-        except Exception:  # noqa: BLE001, S110 - best effort; the original error is what matters
-            pass
+    )
 
 
 # -- reading ---------------------------------------------------------------------

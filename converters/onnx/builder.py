@@ -6,7 +6,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError
 from llmops.core.quiet import root_logging_kept
+from llmops.core.settings import env_var
 
 Progress = Callable[[str], None]
 
@@ -130,15 +130,8 @@ def _no_git(work: Path) -> Iterator[None]:
     files; with the virtual environment inside a git checkout (ours) that is the checkout's
     commit, not onnxruntime-genai's. A GIT_DIR that does not exist makes it use the package's
     recorded commit, as it does when run from a plain installation."""
-    old = os.environ.get("GIT_DIR")
-    os.environ["GIT_DIR"] = str(work / "no-git")
-    try:
+    with env_var("GIT_DIR", str(work / "no-git")):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("GIT_DIR", None)
-        else:
-            os.environ["GIT_DIR"] = old
 
 
 def run_builder(input_path: Path, out_dir: Path, cache_dir: Path, precision: str, provider: str,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from llmops.app.output import log
 from llmops.app.recording import record_bench
 from llmops.core.errors import UsageError
+from llmops.core.settings import env_var
 from llmops.registry.versions import run_of
 
 
@@ -54,7 +55,7 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
     rows = []
     with ExitStack() as stack:
         if max_memory_mb:
-            stack.enter_context(_env(MAX_MEMORY_ENV, str(max_memory_mb)))  # read by every runner child
+            stack.enter_context(env_var(MAX_MEMORY_ENV, str(max_memory_mb)))  # read by every runner child
         from llmops.registry.artifacts import materialize
         from llmops.registry.versions import resolve_artifact
 
@@ -81,21 +82,6 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
                                          baseline_sha256=base_sha))
             rows.append(row)
     return {"eval_text": {"sha256": ev.sha256, "source": ev.source} if ev else None, "baseline": baseline, "rows": rows}
-
-
-@contextmanager
-def _env(key: str, value: str):  # noqa: ANN202
-    import os
-
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> dict[str, Any]:  # noqa: ANN001

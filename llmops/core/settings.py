@@ -8,6 +8,7 @@ MLflow at a server while our tables stay in the store's database.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -130,3 +131,17 @@ def logits_cache_limit_bytes() -> int:
     if not 0 <= mb < float("inf"):  # also rejects NaN
         raise UsageError(f"{LOGITS_CACHE_ENV}={raw!r}: give a size in MiB (0 disables the cache)")
     return int(mb * 1024 * 1024)
+
+
+@contextlib.contextmanager
+def env_var(key: str, value: str) -> Iterator[None]:
+    """``os.environ[key] = value`` while the block runs, then what was there before (or nothing)."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
