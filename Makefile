@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_formats.py
 	$(BIN)/python bench/bench_gptq.py
+	$(BIN)/python bench/bench_lineage.py
 
 ui: $(STAMP)
 	$(BIN)/llmops ui

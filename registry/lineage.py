@@ -59,25 +59,18 @@ def walk(session: Session, artifact_id: int, direction: str = "up", max_depth: i
     """Edges reachable from ``artifact_id`` towards parents (up) or children (down)."""
     e = LineageEdge.__table__
     near, far = (e.c.child_id, e.c.parent_id) if direction == "up" else (e.c.parent_id, e.c.child_id)
-    base = select(e.c.id, e.c.parent_id, e.c.child_id, e.c.relation, far.label("next_id"), literal(1).label("depth")).where(
-        near == artifact_id
-    )
+    cols = (e.c.id, e.c.parent_id, e.c.child_id, e.c.relation, e.c.parameters, far.label("next_id"))
+    base = select(*cols, literal(1).label("depth")).where(near == artifact_id)
     cte = base.cte("lineage_walk", recursive=True)
-    step = select(e.c.id, e.c.parent_id, e.c.child_id, e.c.relation, far.label("next_id"), (cte.c.depth + 1).label("depth")).where(
-        near == cte.c.next_id, cte.c.depth < max_depth
-    )
+    step = select(*cols, (cte.c.depth + 1).label("depth")).where(near == cte.c.next_id, cte.c.depth < max_depth)
     cte = cte.union_all(step)
-    rows = session.execute(select(cte.c.id, cte.c.parent_id, cte.c.child_id, cte.c.relation, cte.c.depth)).all()
+    # one round trip: the edges' parameters travel with the walk
+    rows = session.execute(select(cte.c.id, cte.c.parent_id, cte.c.child_id, cte.c.relation, cte.c.parameters,
+                                  cte.c.depth)).all()
     seen: dict[int, Edge] = {}
-    params = {}
-    if rows:
-        ids = list({r.id for r in rows})
-        for i in range(0, len(ids), 500):
-            for edge_id, p in session.execute(select(e.c.id, e.c.parameters).where(e.c.id.in_(ids[i : i + 500]))):
-                params[edge_id] = p or {}
     for r in rows:
         if r.id not in seen or r.depth < seen[r.id].depth:
-            seen[r.id] = Edge(r.parent_id, r.child_id, r.relation, r.depth, params.get(r.id, {}))
+            seen[r.id] = Edge(r.parent_id, r.child_id, r.relation, r.depth, r.parameters or {})
     return sorted(seen.values(), key=lambda x: (x.depth, x.parent, x.child))
 
 
@@ -86,11 +79,18 @@ def graph(session: Session, artifact_id: int, direction: str = "up") -> Graph:
     ids = {artifact_id} | {x.parent for x in edges} | {x.child for x in edges}
     nodes: dict[int, Node] = {}
     labels: dict[int, list[str]] = {}
-    for v in session.scalars(select(Version).where(Version.artifact_id.in_(ids))):
-        scheme = {"model": "models", "prompt": "prompts", "dataset": "datasets"}.get(v.kind, v.kind)
-        labels.setdefault(v.artifact_id, []).append(f"{scheme}:/{v.name}/{v.version}")
-    for a in session.scalars(select(Artifact).where(Artifact.id.in_(ids))):
-        nodes[a.id] = Node(a.id, a.kind, a.name, sorted(labels.get(a.id, [])), a.sha256, a.format, a.quant, a.uri)
+    a, v = Artifact.__table__, Version.__table__
+    # the nodes and their registry names in one query (plain rows: no ORM objects to build)
+    q = (select(a.c.id, a.c.kind, a.c.name, a.c.sha256, a.c.format, a.c.quant, a.c.uri, v.c.kind.label("vkind"),
+                v.c.name.label("vname"), v.c.version)
+         .outerjoin(v, v.c.artifact_id == a.c.id).where(a.c.id.in_(ids)))
+    for r in session.execute(q):
+        if r.vname is not None:
+            scheme = {"model": "models", "prompt": "prompts", "dataset": "datasets"}.get(r.vkind, r.vkind)
+            labels.setdefault(r.id, []).append(f"{scheme}:/{r.vname}/{r.version}")
+        nodes[r.id] = Node(r.id, r.kind, r.name, [], r.sha256, r.format, r.quant, r.uri)
+    for node_id, node in nodes.items():
+        node.labels = sorted(labels.get(node_id, []))
     return Graph(artifact_id, direction, nodes, edges)
 
 
