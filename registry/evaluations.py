@@ -3,7 +3,7 @@ the ``evaluated_on`` edge to the eval text, and the figures on the version's MLf
 
 Callers pass plain values (measurements, a hardware profile, a dataset version); the
 rows are written here. A verification measured while converting travels with the
-registration (``versions.register(evaluations=...)``) and lands in its transaction;
+registration (``registration.register(evaluations=...)``) and lands in its transaction;
 ``record_bench`` records an ``llmops bench`` of an artifact already known.
 """
 

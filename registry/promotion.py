@@ -193,7 +193,7 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
                     undo()
                 raise
         if prompt_art is not None and moved and run_of(mv):
-            from llmops.registry.versions import _draw_lineage
+            from llmops.registry.registration import _draw_lineage
 
             _draw_lineage(store, model_art.id, run_of(mv))
     return result

@@ -1,37 +1,23 @@
-"""Registered model versions: MLflow holds the version, we hold the bytes' identity.
+"""Registered model versions: resolving references, reading versions, verifying stored bytes.
 
-A registration is one operation across two databases: the MLflow run (with its
-parameters, metrics, dataset inputs and the artifact) and model version, then our
-artifact, version, lineage and run rows, and the results of any evaluation that
-came with it (``convert --verify``), in one transaction; only then is the MLflow run
-terminated. If anything fails, the MLflow side is deleted again (and rows already
-committed are removed), so a failed registration leaves no version, no active run
-and no rows behind. The same bytes registered twice are one artifact and one stored
-copy (MLflow's local artifact store copies bytes, so each blob is logged once).
+The write path (a registration, all or nothing) is ``registration.py``.
 """
+
 
 from __future__ import annotations
 
 import re
-import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, event, select
+from sqlalchemy import select
 
-from llmops.core.errors import LLMOpsError, UsageError
-from llmops.core.hashing import sha256_path, size_of
+from llmops.core.errors import LLMOpsError
 from llmops.registry import artifacts
-from llmops.registry import evaluations as _evaluations
-from llmops.registry.datasets import DatasetInfo, mlflow_input
-from llmops.registry.refs import Ref, is_ref, parse_ref, validate_name
-from llmops.registry.locks import named_lock
-from llmops.registry.store import Store, actor
-from llmops.registry.db import best_effort
-from llmops.registry.tables import Artifact, BenchmarkResult, Hardware, LineageEdge, Run, Version, utcnow
+from llmops.registry.refs import Ref, parse_ref
+from llmops.registry.store import Store
+from llmops.registry.tables import Artifact, Version
 
 ARTIFACT_PATH = "model"
 
@@ -131,261 +117,6 @@ def run_of(mv) -> str | None:  # noqa: ANN001 - mlflow ModelVersion
 def _run_id_in(uri: str | None) -> str | None:
     m = re.search(r"/([0-9a-f]{32})/artifacts(/|$)", uri or "")
     return m.group(1) if m else None
-
-
-def _parent_artifact(store: Store, session, parent: ParentSpec) -> Artifact:  # noqa: ANN001
-    if is_ref(parent.ref_or_path):
-        art = resolve_artifact(store, parent.ref_or_path)
-        return session.get(Artifact, art.id)
-    path = Path(parent.ref_or_path).expanduser().resolve()
-    if not path.exists():
-        raise UsageError(f"--from {parent.ref_or_path}: no such file or folder")
-    return artifacts.upsert(
-        session,
-        sha256=parent.sha256 or sha256_path(path),
-        kind="checkpoint",
-        name=path.name,
-        uri=path.as_uri(),
-        size_bytes=size_of(path),
-        meta={"stored": False},
-        created_by=actor(),
-    )
-
-
-# -- registering -----------------------------------------------------------------
-def register(
-    store: Store,
-    path: str | Path,
-    name: str,
-    *,
-    fmt: str | None = None,
-    quant: str | None = None,
-    bits_per_weight: float | None = None,
-    tags: dict[str, str] | None = None,
-    parents: list[ParentSpec] | None = None,
-    params: dict[str, Any] | None = None,
-    metrics: dict[str, float] | None = None,
-    tool_versions: dict[str, str] | None = None,
-    command: str = "models register",
-    sha256: str | None = None,
-    evaluations: list[_evaluations.Evaluation] | None = None,
-    dataset_inputs: list[tuple[DatasetInfo, str]] | None = None,
-) -> VersionInfo:
-    """Register the bytes at ``path`` as a new version of ``name``, all or nothing.
-
-    ``evaluations`` (figures measured on these bytes, e.g. by ``convert --verify``) become
-    benchmark results and ``evaluated_on`` edges in the registration's transaction;
-    ``dataset_inputs`` (dataset version, context) are logged as inputs of its MLflow run."""
-    validate_name(name, "model name")
-    src = Path(path).expanduser().resolve()
-    if not src.exists():
-        raise UsageError(f"{path}: no such file or folder")
-    for key in tags or {}:
-        validate_name(key, "tag key")
-    parents = parents or []
-    for p in parents:  # fail on a bad --from before anything is written
-        if is_ref(p.ref_or_path):
-            resolve_artifact(store, p.ref_or_path)
-        elif not Path(p.ref_or_path).expanduser().exists():
-            raise UsageError(f"--from {p.ref_or_path}: no such file or folder")
-
-    store.open()
-    t0 = time.time()
-    sha = sha256 or sha256_path(src)
-    size = size_of(src)
-    with store.session() as s:
-        existing = artifacts.by_sha(s, sha)
-        stored = existing if existing is not None and existing.meta.get("stored") else None
-        stored_uri, stored_source = (stored.uri, stored.meta.get("source")) if stored else (None, None)
-
-    client = store.mlflow
-    source_label = parents[0].ref_or_path if parents else str(src)
-    version_tags = {
-        "format": fmt or "unknown",
-        "quant": quant or "none",
-        "sha256": sha,
-        "size_bytes": str(size),
-        "source": source_label,
-        **({"bits_per_weight": f"{bits_per_weight:.4g}"} if bits_per_weight is not None else {}),
-        **(tags or {}),
-    }
-    run = client.create_run(
-        store.experiment_id,
-        run_name=f"{command.split()[0]}-{name}",
-        tags={"llmops.command": command, "llmops.model": name, "mlflow.user": actor()},
-    )
-    run_id = run.info.run_id
-    created_model = False
-    mv = None
-    written = _Written()
-    undone = False
-    try:
-        from mlflow.entities import Metric, Param
-
-        all_params = {"format": fmt, "quant": quant, "sha256": sha, "size_bytes": size, "source": source_label}
-        all_params.update(params or {})
-        ts = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            params=[Param(k, str(v)[:6000]) for k, v in all_params.items() if v is not None],
-            metrics=[Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items() if v is not None],
-            tags=[],
-        )
-        for k, v in (tool_versions or {}).items():
-            client.set_tag(run_id, f"llmops.version.{k}", str(v))
-        if dataset_inputs:
-            client.log_inputs(run_id, [mlflow_input(info, context) for info, context in dataset_inputs])
-        if stored is None:
-            if src.is_dir():
-                client.log_artifacts(run_id, str(src), ARTIFACT_PATH)
-                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
-            else:
-                client.log_artifact(run_id, str(src), ARTIFACT_PATH)
-                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}/{src.name}"
-            stored_source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
-        # One registration of a model at a time, across processes and machines: MLflow numbers
-        # versions by reading the last one, and two bytes-identical artifacts must be one row.
-        with named_lock(store, f"register:{name}"):
-            try:
-                try:
-                    client.create_registered_model(name)
-                    created_model = True
-                except Exception as exc:  # noqa: BLE001 - already exists is fine
-                    if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
-                        raise
-                # Behind a tracking server MLflow only accepts a source inside the version's own
-                # run; bytes stored by an earlier run keep that run as the version's MLflow run, and
-                # this registration's run (parameters, metrics, lineage picture) is named in a tag.
-                source_run = run_id
-                if stored is not None and not store.settings.tracking_is_local_db:
-                    source_run = _run_id_in(stored_source) or run_id
-                mv = client.create_model_version(name, stored_source, run_id=source_run,
-                                                 tags={**version_tags, RUN_TAG: run_id})
-
-                with store.session() as s:
-                    event.listen(s, "after_flush", written.collect)
-                    art = artifacts.by_sha(s, sha)
-                    meta = {"stored": True, "source": stored_source, "is_dir": src.is_dir(), "filename": src.name}
-                    if art is None:
-                        art = Artifact(
-                            kind="model", name=name, version=str(mv.version), uri=stored_uri, sha256=sha,
-                            size_bytes=size, format=fmt, quant=quant, meta=meta, created_by=actor(),
-                        )
-                        s.add(art)
-                        s.flush()
-                    elif not art.meta.get("stored"):
-                        # Known before only as a lineage parent (a path outside the store): now it is stored.
-                        written.restore = (art.id, {"kind": art.kind, "uri": art.uri, "meta": dict(art.meta),
-                                                    "format": art.format, "quant": art.quant})
-                        art.kind, art.uri, art.meta = "model", stored_uri, {**art.meta, **meta}
-                        art.format, art.quant = art.format or fmt, art.quant or quant
-                    run_row = Run(
-                        kind=command.split()[0], command=command, parameters={**all_params, "name": name},
-                        tool_versions=tool_versions or {}, status="finished", finished_at=utcnow(),
-                        seconds=time.time() - t0, mlflow_run_id=run_id,
-                    )
-                    s.add(run_row)
-                    s.flush()
-                    s.add(Version(kind="model", name=name, version=str(mv.version), artifact_id=art.id, mlflow_run_id=run_id))
-                    linked: set[tuple[int, str]] = set()
-                    for p in parents:
-                        parent_art = _parent_artifact(store, s, p)
-                        key = (parent_art.id, p.relation)
-                        if parent_art.id == art.id or key in linked or s.scalars(select(LineageEdge.id).where(
-                                LineageEdge.parent_id == parent_art.id, LineageEdge.child_id == art.id,
-                                LineageEdge.relation == p.relation)).first() is not None:
-                            continue  # the same parent named twice (by path and by reference) is one edge
-                        linked.add(key)
-                        s.add(LineageEdge(parent_id=parent_art.id, child_id=art.id, relation=p.relation,
-                                          parameters=p.parameters, run_id=run_row.id))
-                    s.flush()
-                    for evaluation in evaluations or []:
-                        _evaluations.write(s, art.id, evaluation, run_row)
-                    s.flush()
-                    art_id = art.id
-                # Our rows are committed; the run is terminated last. Two databases cannot commit
-                # together (and on SQLite they share one file, so MLflow cannot write while our
-                # transaction is open): if the termination fails, the committed rows are removed.
-                try:
-                    client.set_terminated(run_id, "FINISHED")
-                except BaseException:
-                    written.remove(store)
-                    raise
-            except BaseException:
-                # Undone while the lock is held: no other registration of this name can have
-                # started on a registered model that this one created.
-                undone = True
-                _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
-                raise
-    except BaseException:
-        if not undone:
-            _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
-        raise
-    _draw_lineage(store, art_id, run_id)
-    return show(store, Ref("model", name, str(mv.version)))
-
-
-# Rows a registration inserts, in the order they can be deleted (children first).
-_UNDO_ORDER = (BenchmarkResult, LineageEdge, Version, Run, Artifact, Hardware)
-
-
-class _Written:
-    """What a registration's transaction inserted (and the one row it may change), so that the
-    rows can be removed again when the MLflow side fails after the commit."""
-
-    def __init__(self) -> None:
-        self.inserted: dict[type, set[int]] = {}
-        self.restore: tuple[int, dict[str, Any]] | None = None
-
-    def collect(self, session, _context) -> None:  # noqa: ANN001 - SQLAlchemy's after_flush hook
-        for obj in session.new:
-            if type(obj) in _UNDO_ORDER:
-                self.inserted.setdefault(type(obj), set()).add(obj.id)
-
-    def remove(self, store: Store) -> None:
-        try:
-            with store.session() as s:
-                for table in _UNDO_ORDER:
-                    ids = self.inserted.get(table)
-                    if ids:
-                        s.execute(delete(table).where(table.id.in_(sorted(ids))))
-                if self.restore is not None:
-                    art = s.get(Artifact, self.restore[0])
-                    if art is not None:
-                        for k, v in self.restore[1].items():
-                            setattr(art, k, v)
-        except Exception as exc:  # noqa: BLE001 - best effort; the original error is what matters
-            import sys
-
-            sys.stderr.write(f"warning: could not remove the rows of a failed registration: {exc}\n")
-
-
-def _draw_lineage(store: Store, artifact_id: int, run_id: str) -> None:
-    """The lineage picture is a convenience for the UI: its failure must not undo a registration."""
-    try:
-        from llmops.registry.pictures import log_lineage_picture
-
-        log_lineage_picture(store, artifact_id, run_id)
-    except Exception as exc:  # noqa: BLE001
-        import sys
-
-        sys.stderr.write(f"warning: could not draw the lineage picture: {exc}\n")
-
-
-def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: str | None) -> None:  # noqa: ANN001
-    """Compensate a half-done registration on the MLflow side (best effort).
-
-    The run is marked FAILED, then deleted (MLflow's delete_run is a soft delete that
-    keeps the artifacts; bytes this registration copied into a local store are removed here).
-    """
-    logged = artifacts.local_path(logged_uri) if logged_uri else None
-    best_effort(
-        (lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
-        (lambda: client.delete_model_version(name, mv.version)) if mv is not None else None,
-        (lambda: client.delete_registered_model(name)) if created_model else None,
-        lambda: client.set_terminated(run_id, "FAILED"),
-        lambda: client.delete_run(run_id),
-    )
 
 
 # -- reading ---------------------------------------------------------------------

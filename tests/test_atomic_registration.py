@@ -90,7 +90,8 @@ def test_register_with_a_failing_results_writer_leaves_nothing(store_env, tmp_pa
     from llmops.registry import datasets, results
     from llmops.registry.evaluations import Evaluation
     from llmops.registry.results import Measurement
-    from llmops.registry.versions import ParentSpec, register
+    from llmops.registry.registration import register
+    from llmops.registry.versions import ParentSpec
 
     store = store_env.store()
     text = tmp_path / "eval.txt"
@@ -130,7 +131,7 @@ def test_register_with_a_failing_results_writer_leaves_nothing(store_env, tmp_pa
 
 def test_a_failing_termination_undoes_the_committed_rows(store_env, tmp_path, monkeypatch) -> None:
     """The run is terminated after our rows are committed; if that fails, the rows go too."""
-    from llmops.registry.versions import register
+    from llmops.registry.registration import register
 
     store = store_env.store()
     store.open()

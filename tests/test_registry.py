@@ -142,7 +142,7 @@ def test_bad_names_are_refused_and_leave_nothing(store_env, cli, tmp_path, name)
 
 
 def test_failed_registration_leaves_no_version_no_rows_no_bytes(store_env, cli, tmp_path, monkeypatch) -> None:
-    from llmops.registry import versions
+    from llmops.registry import registration
     from llmops.registry.tables import Artifact, Version
 
     f = tmp_path / "w.bin"
@@ -152,7 +152,7 @@ def test_failed_registration_leaves_no_version_no_rows_no_bytes(store_env, cli, 
     def broken(*_a, **_k):  # noqa: ANN002, ANN003
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(versions, "_parent_artifact", broken)
+    monkeypatch.setattr(registration, "_parent_artifact", broken)
     g = tmp_path / "g.bin"
     g.write_bytes(b"other" * 1000)
     r = cli("models", "register", g, "--name", "broken-model", "--from", str(f))

@@ -80,7 +80,8 @@ def _register_converted(store, record, name: str, source: str, target: str, devi
     from llmops.core.hashing import sha256_path
     from llmops.registry import datasets
     from llmops.registry.refs import is_ref
-    from llmops.registry.versions import ParentSpec, register, resolve_artifact
+    from llmops.registry.registration import register
+    from llmops.registry.versions import ParentSpec, resolve_artifact
 
     # The source is the baseline of the verification: its bytes are part of the protocol.
     source_sha = resolve_artifact(store, source).sha256 if is_ref(source) else sha256_path(Path(source).resolve())

@@ -38,7 +38,8 @@ def models_register(path: str, name: str, from_: tuple[str, ...], tags: tuple[st
     """Register PATH (a file or folder) as a new version of model NAME."""
     from llmops.core.artifact_info import describe
     from llmops.registry.refs import validate_name
-    from llmops.registry.versions import ParentSpec, register
+    from llmops.registry.registration import register
+    from llmops.registry.versions import ParentSpec
 
     validate_name(name, "model name")
     if not os.path.exists(path):
