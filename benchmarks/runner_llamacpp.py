@@ -22,7 +22,7 @@ class LlamaCppRunner:
             raise LLMOpsError(f"{path}: no such GGUF file")
         threads = threads or os.cpu_count() or 1
         try:
-            with _model_params(use_extra_bufts=_extra_bufts_ok()):
+            with _model_params(use_extra_bufts=extra_bufts_ok()):
                 self.llm = llama_cpp.Llama(
                     model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=min(n_ctx, 512), logits_all=False,
                     n_threads=threads, n_threads_batch=threads, vocab_only=vocab_only, verbose=False,
@@ -75,14 +75,18 @@ class LlamaCppRunner:
         return out
 
 
-def _extra_bufts_ok() -> bool:
-    """Whether to let llama.cpp repack weights into its CPU extra buffer types (see _model_params)."""
+def extra_bufts_ok() -> bool:
+    """Whether llama.cpp may repack weights into its CPU "extra" buffer types (see _model_params).
+    Not on a CPU that names any AMX feature: the AMX matmul of the llama.cpp in llama-cpp-python
+    0.3.36 crashes on quantized weights where AMX is complete, and dies of SIGILL on the first
+    prompt longer than a few tokens where the kernel reports ``amx_tile`` without ``amx_int8`` (a
+    guest whose hypervisor hides part of AMX). ``LLMOPS_LLAMA_EXTRA_BUFTS=1/0`` forces it."""
     env = os.environ.get("LLMOPS_LLAMA_EXTRA_BUFTS")
     if env in ("0", "1"):
         return env == "1"
     from llmops.core.procfs import cpu_info
 
-    return "amx_int8" not in cpu_info()[1]
+    return not any(flag.startswith("amx") for flag in cpu_info()[1])
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import select
 
 from llmops.core.errors import LLMOpsError, UsageError
-from llmops.registry import protocols, results
+from llmops.registry import protocols, results, traces
 from llmops.registry.gates import Gate, GateResult, Provenance, evaluate
 from llmops.registry.locks import named_lock
 from llmops.registry.versions import run_of
@@ -88,6 +88,7 @@ class Measured:
 
 
 SIZE = Provenance(None, "file_mb, size of the stored bytes")
+PRODUCTION = Provenance(None, "prod_*, requests this version served through llmops serve (traces, last 24 h)")
 
 
 def measure(store: Store, name: str, version: str, previous: str | None, hardware: str | None = None) -> Measured:
@@ -154,6 +155,11 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
     with named_lock(store, f"promote:{name}"):
         previous = _holder(store, name, alias)
         measured = measure(store, name, version, previous, hardware)
+        if any(g.metric.startswith("prod_") for g in gates):
+            # what production saw: the requests this version served through llmops serve
+            for metric, value in traces.gate_metrics(store, name, version).items():
+                measured.metrics[metric] = value
+                measured.provenance[metric] = PRODUCTION
         metrics, fp = measured.metrics, measured.hardware
         gate_results: list[GateResult] = evaluate(gates, metrics, measured.provenance, measured.notes)
         passed = all(g.passed for g in gate_results)
