@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from llmops.core.errors import LLMOpsError
-from llmops.core.layouts import Reader
+from llmops.core.layouts import Reader, read_mapping
 from llmops.core.tensorfiles import TensorInfo, _torch_dtype_name, _torch_to_numpy, load_weights_pickle
 
 
@@ -23,16 +23,8 @@ def litgpt_params(folder: Path) -> dict[str, Any]:
     import yaml
 
     path = folder / "model_config.yaml"
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise LLMOpsError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise LLMOpsError(f"{path}: must be a mapping")
-    for key in ("n_embd", "n_layer", "n_head", "intermediate_size"):
-        v = cfg.get(key)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise LLMOpsError(f"{path}: field {key!r} must be a positive integer, got {v!r}")
+    cfg = read_mapping(path, "YAML", yaml.safe_load, (yaml.YAMLError,),
+                       ("n_embd", "n_layer", "n_head", "intermediate_size"))
     # what a Hugging Face LlamaForCausalLM can hold; other litgpt families are refused by name
     wanted = {"mlp_class_name": "LLaMAMLP", "norm_class_name": "RMSNorm", "parallel_residual": False,
               "bias": False, "rotary_percentage": 1.0}

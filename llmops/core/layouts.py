@@ -52,18 +52,27 @@ def _meta_files(folder: Path) -> list[Path]:
 _INT_FIELDS = ("dim", "n_layers", "n_heads")
 
 
-def meta_params(folder: Path) -> dict[str, Any]:
-    path = folder / "params.json"
+def read_mapping(path: Path, kind: str, parse: Callable[[str], Any], errors: tuple[type[BaseException], ...],
+                 positive: tuple[str, ...]) -> dict[str, Any]:
+    """A layout's config file (``kind``: JSON, YAML) as a mapping whose ``positive`` fields are
+    positive integers; anything else is a one-line error naming the file and the field."""
     try:
-        params = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LLMOpsError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(params, dict):
-        raise LLMOpsError(f"{path}: must be a JSON object")
-    for key in _INT_FIELDS:
-        v = params.get(key)
+        cfg = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, *errors) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LLMOpsError(f"{path}: not readable {kind} ({first})") from None
+    if not isinstance(cfg, dict):
+        raise LLMOpsError(f"{path}: must be a {kind} object")
+    for key in positive:
+        v = cfg.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise LLMOpsError(f"{path}: field {key!r} must be a positive integer, got {v!r}")
+    return cfg
+
+
+def meta_params(folder: Path) -> dict[str, Any]:
+    path = folder / "params.json"
+    params = read_mapping(path, "JSON", json.loads, (json.JSONDecodeError,), _INT_FIELDS)
     for key in ("n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
         v = params.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
