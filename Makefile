@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_formats.py
 	$(BIN)/python bench/bench_gptq.py
 	$(BIN)/python bench/bench_lineage.py
+	$(BIN)/python bench/bench_register.py
 
 ui: $(STAMP)
 	$(BIN)/llmops ui

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from llmops.app.reference import llama_cpp_tool
 
-DEFAULT_TARGETS = "gguf-f16,gguf-q8_0,gguf-q4,onnx,onnx-int4,gptq-4bit"
+DEFAULT_TARGETS = "gguf-f16,gguf-q8_0,gguf-q4,onnx,onnx-int4,onnx-int4:rtn,gptq-4bit"
 MISSING = "n/a"
 
 
@@ -71,13 +71,22 @@ def formats_row(name: str, r: dict[str, object], base_ppl: object) -> str:
             f"{fmt(r.get('peak_rss_mb'), '.0f')} |")
 
 
+def same_kernels(*no_repack: str) -> tuple[str, ...]:
+    """The flags that make llama.cpp's tools run the kernels our runner runs: where llmops turns
+    llama.cpp's repacking extra buffer types off (CPUs that report AMX, whose tile kernels fault
+    under some hypervisors), the reference tool must too, or it dies with SIGILL."""
+    from llmops.benchmarks.runner_llamacpp import extra_bufts_ok
+
+    return () if extra_bufts_ok() else no_repack
+
+
 def native_speed(binary: Path, gguf: Path, threads: int, runs: int, prompt: int, decode: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) from llama-bench: a ``prompt``-token prompt, and ``decode``
     tokens generated after that prompt (``-d``), as ``llmops bench`` decodes after its prompt."""
     out = []
     for args in (["-p", str(prompt), "-n", "0"], ["-p", "0", "-n", str(decode), "-d", str(prompt)]):
         p = subprocess.run([str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(runs), "-fa", "1",
-                            "-o", "json", *args], capture_output=True, text=True)
+                            "-o", "json", *same_kernels("--repack", "0"), *args], capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"llama-bench failed: {p.stderr[-2000:]}")
         out.append(float(json.loads(p.stdout)[0]["avg_ts"]))
@@ -89,7 +98,7 @@ def native_perplexity(binary: Path, gguf: Path, text_file: Path, chunks: int,
     """(seconds, perplexity) of llama-perplexity (None if it printed none); time includes its load, as ours does."""
     t0 = time.perf_counter()
     p = subprocess.run([str(binary), "-m", str(gguf), "-f", str(text_file), "-c", "512", "--chunks", str(chunks),
-                        "-t", str(threads), "-b", "512"], capture_output=True, text=True)
+                        "-t", str(threads), "-b", "512", *same_kernels("-nr")], capture_output=True, text=True)
     secs = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"llama-perplexity failed: {p.stderr[-2000:]}")
@@ -120,6 +129,29 @@ def convert_all(src: Path, targets: list[str], workdir: Path) -> dict[str, Path]
     return out
 
 
+def format_table(src: Path, arts: dict[str, Path], args: argparse.Namespace,
+                 report: dict[str, object]) -> tuple[list[dict[str, object]], list[str]]:
+    """Every target through one `llmops bench` invocation, printed as the README's results table."""
+    cmd = [str(Path(sys.executable).with_name("llmops")), "--json", "bench", str(src), *map(str, arts.values()),
+           "--baseline", str(src), "--threads", str(args.threads), "--chunks", str(args.chunks), "--runs",
+           str(args.runs), "--decode-tokens", str(args.decode_tokens), "--no-record"]
+    print("running: llmops bench <fp32 source> " + " ".join(arts), file=sys.stderr)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"llmops bench failed ({p.returncode})")
+    rows = json.loads(p.stdout)["rows"]
+    names = ["fp32 (torch)", *arts]
+    print(f"\n### Formats (SmolLM2-135M, {args.threads} threads, {args.chunks}×512 tokens, "
+          f"median of {args.runs} runs, {args.decode_tokens} decode tokens)\n")
+    print("| target | backend | MiB | bits/w | PPL | ΔPPL % | KLD | top-1 | prefill tok/s | decode tok/s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    base = rows[0].get("ppl")
+    for name, r in zip(names, rows, strict=True):
+        report["formats"].append({"target": name, **r})  # type: ignore[union-attr]
+        print(formats_row(name, r, base))
+    return rows, names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -128,6 +160,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--targets", default=DEFAULT_TARGETS)
     ap.add_argument("--no-native", action="store_true", help="skip the llama-perplexity comparison")
+    ap.add_argument("--only-perplexity", action="store_true",
+                    help="only the perplexity path against llama-perplexity (on gguf-q4)")
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -139,27 +173,11 @@ def main() -> None:
     src = smollm2_checkpoint()
     with tempfile.TemporaryDirectory(prefix="llmops-bench-formats-", dir=args.workdir) as d:
         work = Path(d)
-        arts = convert_all(src, [t.strip() for t in args.targets.split(",") if t.strip()], work)
-        cmd = [str(Path(sys.executable).with_name("llmops")), "--json", "bench", str(src), *map(str, arts.values()),
-               "--baseline", str(src), "--threads", str(args.threads), "--chunks", str(args.chunks), "--runs",
-               str(args.runs), "--decode-tokens", str(args.decode_tokens), "--no-record"]
-        print("running: llmops bench <fp32 source> " + " ".join(arts), file=sys.stderr)
-        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"llmops bench failed ({p.returncode})")
-        rows = json.loads(p.stdout)["rows"]
-        names = ["fp32 (torch)", *arts]
+        targets = ["gguf-q4"] if args.only_perplexity else [t.strip() for t in args.targets.split(",") if t.strip()]
+        arts = convert_all(src, targets, work)
         report: dict[str, object] = {"threads": args.threads, "chunks": args.chunks, "runs": args.runs,
                                      "decode_tokens": args.decode_tokens, "formats": []}
-        print(f"\n### Formats (SmolLM2-135M, {args.threads} threads, {args.chunks}×512 tokens, "
-              f"median of {args.runs} runs, {args.decode_tokens} decode tokens)\n")
-        print("| target | backend | MiB | bits/w | PPL | ΔPPL % | KLD | top-1 | prefill tok/s | decode tok/s | peak RSS MiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
-        base = rows[0].get("ppl")
-        for name, r in zip(names, rows, strict=True):
-            report["formats"].append({"target": name, **r})  # type: ignore[union-attr]
-            print(formats_row(name, r, base))
-
+        rows, names = ([], []) if args.only_perplexity else format_table(src, arts, args, report)
         gguf = arts.get("gguf-q4")
         if gguf is not None and not args.no_native:
             binary = llama_cpp_tool("llama-perplexity")
@@ -182,7 +200,7 @@ def main() -> None:
                   f"{fmt(ntok[0][1], '.4f')} |")
             print(f"\nthroughput ratio ours/native: {t_nat / t_ours:.2f}×")
         ggufs = {t: a for t, a in arts.items() if t.startswith("gguf")}
-        if ggufs and not args.no_native:
+        if ggufs and rows and not args.no_native:
             lb = llama_cpp_tool("llama-bench")
             print(f"\n### llama.cpp speed: llmops bench against llama-bench on the same files ({args.threads} threads, "
                   f"512-token prompt, {args.decode_tokens} tokens decoded after it)\n")

@@ -10,7 +10,8 @@ models' scored logits go through ``.npy`` files for the KL-divergence. Those wor
 a scratch folder in the llmops cache (``llmops.core.settings.scratch``), never to a RAM-backed
 ``/tmp``, and are removed after each evaluation. The source's logits can be kept in a
 size-capped cache (least recently used entries go first) so that benchmarking several
-artifacts against one baseline computes them once.
+artifacts against one baseline computes them once. Scoring the windows is one progress phase per
+model (``llmops.core.progress``), driven from the runner's child process.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from llmops.benchmarks.runners import RunnerSpec, backend_for, make_runner
 from llmops.benchmarks.windows import Windows, make_windows
 from llmops.benchmarks.metrics import StreamingAccuracy
 from llmops.core.errors import LLMOpsError
+from llmops.core.progress import Reporter, as_reporter, reporting
 from llmops.core.settings import LOGITS_CACHE_ENV, logits_cache_limit_bytes, scratch
 
 MIB = 1024 * 1024
@@ -64,25 +66,51 @@ def tokenize_with_gguf(gguf_path: str | Path, text: str, *, n_ctx: int = 512, in
 
 
 def _score(spec: RunnerSpec, win: Windows, d: Path, tag: str, in_process: bool,
-           keep_logits: bool) -> tuple[np.ndarray | None, np.ndarray]:
+           keep_logits: bool, say: Reporter, phase: str) -> tuple[np.ndarray | None, np.ndarray]:
     """(scored logits or None, per-token NLL) of every window, from the runner in a child process.
 
     The NLL is computed where the logits are made; the logits (50 MB a window) are written and
-    read back only when ``keep_logits`` (a KL-divergence/top-1 comparison needs both models')."""
+    read back only when ``keep_logits`` (a KL-divergence/top-1 comparison needs both models').
+    The windows scored are the progress phase ``phase``; the child's events reach ``say`` as the
+    ambient reporter (``run_in_child`` keeps its signature for the callers that wrap it)."""
     last = win.n_ctx - 1
     out = d / f"{tag}.npy"
     if in_process:
         nll = score_windows(make_runner(spec), win.inputs, win.targets, win.first, last,
-                            out if keep_logits else None)
+                            out if keep_logits else None, progress=say, phase=phase)
     else:
         inputs, targets, nll_file = d / f"{tag}-inputs.npy", d / f"{tag}-targets.npy", d / f"{tag}-nll.npy"
         np.save(inputs, win.inputs)
         np.save(targets, win.targets)
-        run_in_child({"kind": "logits", "spec": spec.__dict__, "inputs": str(inputs), "targets": str(targets),
-                      "first": win.first, "last": last, "nll": str(nll_file),
-                      "out": str(out) if keep_logits else None}, f"{spec.backend} runner", d)
+        with reporting(say):
+            run_in_child({"kind": "logits", "spec": spec.__dict__, "inputs": str(inputs), "targets": str(targets),
+                          "first": win.first, "last": last, "nll": str(nll_file),
+                          "out": str(out) if keep_logits else None, "phase": phase}, f"{spec.backend} runner", d)
         nll = np.load(nll_file)
     return (np.load(out, mmap_mode="r") if keep_logits else None), nll
+
+
+def _tokenize_and_score(spec: RunnerSpec, text: str, chunks: int | None, d: Path, in_process: bool,
+                        keep_logits: bool, say: Reporter, phase: str) -> tuple[Windows, np.ndarray | None, np.ndarray]:
+    """The artifact's windows (cut from its own tokens), scored logits or None, and NLL, from one
+    runner: in a child, the text is tokenized where it is scored (no second interpreter start
+    or model load)."""
+    if in_process:
+        runner = make_runner(spec)
+        win = make_windows(runner.tokenize(text), spec.n_ctx, chunks, runner.add_bos, runner.bos_id)
+        out = d / "output.npy"
+        nll = score_windows(runner, win.inputs, win.targets, win.first, win.n_ctx - 1,
+                            out if keep_logits else None, progress=say, phase=phase)
+        return win, (np.load(out, mmap_mode="r") if keep_logits else None), nll
+    text_file, out = d / "text.txt", d / "output.npy"
+    inputs, targets, nll_file = d / "output-inputs.npy", d / "output-targets.npy", d / "output-nll.npy"
+    text_file.write_text(text, encoding="utf-8")
+    with reporting(say):
+        msg = run_in_child({"kind": "perplexity", "spec": spec.__dict__, "text_file": str(text_file),
+                            "chunks": chunks, "inputs": str(inputs), "targets": str(targets), "nll": str(nll_file),
+                            "out": str(out) if keep_logits else None, "phase": phase}, f"{spec.backend} runner", d)
+    win = Windows(np.load(inputs), np.load(targets), int(msg["first"]), spec.n_ctx, int(msg["n_tokens"]))
+    return win, (np.load(out, mmap_mode="r") if keep_logits else None), np.load(nll_file)
 
 
 def evaluate(
@@ -99,8 +127,12 @@ def evaluate(
     in_process: bool = False,
     source_cache: Path | None = None,
     progress: Callable[[str], None] | None = None,
+    phase: str = "accuracy",
 ) -> dict[str, Any]:
     """Metrics of ``artifact`` on ``text``; with ``source`` also KLD/top-1 against the source model.
+
+    ``phase`` names the progress phases of the windows scored (``verify`` for ``convert --verify``):
+    ``<phase> (<backend>)`` for the artifact, ``<phase> source (<backend>)`` for the source.
 
     Returns ``{"kld", "kld_p99", "top1_agreement", "ppl_source", "ppl_output", "tokens", "chunks", "n_ctx"}``,
     plus ``"source_cache"`` (``{"dir", "entry", "hit", "limit_mb"}``) when ``source_cache`` names the
@@ -108,17 +140,17 @@ def evaluate(
     """
     from llmops.core.evaltext import evaluation_part
 
-    say = progress or (lambda _m: None)
+    say = as_reporter(progress)
     backend = backend or backend_for(artifact)
     text = evaluation_part(text)  # the calibration part is never scored
     spec = RunnerSpec(backend, str(Path(artifact).resolve()), n_ctx, threads, device)
     cache_info: dict[str, Any] | None = None
     with scratch("llmops-eval-") as d:
-        say(f"tokenizing the eval text with the artifact's tokenizer ({backend})")
-        tokens, add_bos, bos_id = tokenize_with(spec, text, in_process=in_process, workdir=d)
-        win = make_windows(tokens, n_ctx, chunks, add_bos, bos_id)
-        say(f"evaluating {win.n_chunk} chunk(s) of {n_ctx} tokens with {backend}")
-        out_logits, out_nll = _score(spec, win, d, "output", in_process, keep_logits=source is not None)
+        say(f"tokenizing the eval text and scoring up to {chunks if chunks is not None else 'all'} chunk(s) "
+            f"of {n_ctx} tokens with {backend}")
+        win, out_logits, out_nll = _tokenize_and_score(spec, text, chunks, d, in_process,
+                                                       keep_logits=source is not None, say=say,
+                                                       phase=f"{phase} ({backend})")
         src_logits = None
         if source is not None:
             sb = source_backend or backend_for(source)
@@ -138,7 +170,8 @@ def evaluate(
                 cache_info.update(entry=str(cached), hit=True)
             else:
                 say(f"evaluating the same chunks with the source model ({source}) in {sb}")
-                src_logits, _ = _score(src_spec, win, d, "source", in_process, keep_logits=True)
+                src_logits, _ = _score(src_spec, win, d, "source", in_process, keep_logits=True, say=say,
+                                       phase=f"{phase} source ({sb})")
                 if cached is not None and _store(cached, d / "source.npy", limit, say):
                     cache_info["entry"] = str(cached)
             assert out_logits is not None
@@ -220,14 +253,15 @@ def _evict(folder: Path, budget: int, keep: Path | None = None) -> int:
     return total
 
 
-def _store(cached: Path, produced: Path, limit: int, say: Callable[[str], None]) -> bool:
+def _store(cached: Path, produced: Path, limit: int, say: Callable[[str], None] | Reporter) -> bool:
     """Put ``produced`` into the cache as ``cached`` within ``limit`` bytes, evicting least
     recently used entries first. False when it is not cached (too large, or a disk error:
     the cache is an optimisation, never a reason for an evaluation to fail)."""
+    say = as_reporter(say)
     size = produced.stat().st_size
     if size > limit:
-        say(f"source logits not cached: {_mib(size)} MiB is more than the cache's cap of "
-            f"{_mib(limit)} MiB ({LOGITS_CACHE_ENV})")
+        say.warn(f"source logits not cached: {_mib(size)} MiB is more than the cache's cap of "
+                 f"{_mib(limit)} MiB ({LOGITS_CACHE_ENV})")
         return False
     folder = cached.parent
     tmp = cached.with_name(f"{cached.stem}.tmp{os.getpid()}")
@@ -242,7 +276,7 @@ def _store(cached: Path, produced: Path, limit: int, say: Callable[[str], None])
             shutil.copyfile(produced, tmp)
         os.replace(tmp, cached)
     except OSError as exc:
-        say(f"source logits not cached in {folder}: {exc}")
+        say.warn(f"source logits not cached in {folder}: {exc}")
         return False
     finally:
         tmp.unlink(missing_ok=True)

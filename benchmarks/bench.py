@@ -113,32 +113,137 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+PLOT_DPI = 110
+LABEL_FONT = 10
+
+
 def tradeoff_plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """File size against perplexity, marker area by decode speed, the Pareto front drawn through."""
+    """File size against perplexity, marker area by decode speed, the Pareto front drawn through;
+    alias holders (``row["aliases"]``) drawn as stars and named ``@alias`` in their labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r["file_mb"], r["ppl"]) for r in rows]
-    front = set(pareto_front(pts))
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    speeds = [r.get("decode_tps") or 0 for r in rows]
-    top = max(speeds) or 1
-    for i, r in enumerate(rows):
-        ax.scatter(r["file_mb"], r["ppl"], s=60 + 400 * (speeds[i] / top), alpha=0.75,
-                   color="#d62728" if i in front else "#1f77b4", edgecolors="black", linewidths=0.5, zorder=3)
-        label = r["label"] + (f"\n{speeds[i]:.0f} tok/s" if speeds[i] else "")
-        ax.annotate(label, (r["file_mb"], r["ppl"]), textcoords="offset points", xytext=(8, 6), fontsize=8)
-    fr = sorted((pts[i] for i in front))
-    if len(fr) > 1:
-        ax.plot([p[0] for p in fr], [p[1] for p in fr], "--", color="#d62728", label="Pareto front", zorder=2)
-        ax.legend()
-    ax.set_xlabel("file size (MiB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("size / accuracy / speed (marker area: decode tok/s)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig = tradeoff_figure(rows)
+    fig.savefig(path, dpi=PLOT_DPI, facecolor="white")
     plt.close(fig)
     return Path(path)
+
+
+def tradeoff_figure(rows: list[dict[str, Any]]):  # noqa: ANN201 - matplotlib Figure
+    """The trade-off plot as a figure whose point labels are placed: no label overlaps another
+    label, a marker, the title or the legend, and every label stays inside the axes (a label
+    with no free place becomes a number, spelled out under the plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    pts = [(float(r["file_mb"]), float(r["ppl"])) for r in rows]
+    front = set(pareto_front(pts))
+    fig, ax = plt.subplots(figsize=(8, 5.6), dpi=PLOT_DPI)
+    # the layout is fixed before the labels are placed: moving the axes afterwards would move them
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.86, bottom=0.2)
+    speeds = [float(r.get("decode_tps") or 0) for r in rows]
+    top = max(speeds) or 1.0
+    areas = []
+    for i, r in enumerate(rows):
+        holder = bool(r.get("aliases"))
+        area = (60 + 400 * (speeds[i] / top)) * (2.2 if holder else 1.0)
+        areas.append(area)
+        ax.scatter(*pts[i], s=area, marker="*" if holder else "o", alpha=0.8,
+                   color="#d62728" if i in front else "#1f77b4", edgecolors="black", linewidths=0.6, zorder=3)
+    fr = sorted(pts[i] for i in front)
+    handles = []
+    if len(fr) > 1:
+        (line,) = ax.plot([p[0] for p in fr], [p[1] for p in fr], "--", color="#d62728", zorder=2)
+        handles.append((line, "Pareto front"))
+    handles.append((Line2D([], [], ls="", marker="o", color="#d62728", mec="black"), "on the front"))
+    if len(front) < len(rows):
+        handles.append((Line2D([], [], ls="", marker="o", color="#1f77b4", mec="black"), "off the front"))
+    if any(r.get("aliases") for r in rows):
+        handles.append((Line2D([], [], ls="", marker="*", ms=12, color="#999999", mec="black"), "alias holder"))
+    legend = fig.legend([h for h, _ in handles], [t for _, t in handles], loc="lower center", ncol=len(handles),
+                        frameon=False, bbox_to_anchor=(0.5, 0.06))
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title("size / accuracy / speed\n(marker area: decode tok/s)", fontsize=11, pad=10)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.3 if len(rows) > 1 else 0.5, y=0.35 if len(rows) > 1 else 0.5)
+    labels = [_point_label(r, speeds[i]) for i, r in enumerate(rows)]
+    fig.canvas.draw()
+    _place_labels(fig, ax, pts, areas, labels, extra=[ax.title, legend])
+    return fig
+
+
+def _point_label(row: dict[str, Any], speed: float) -> str:
+    head = str(row["label"]) + "".join(f" @{a}" for a in row.get("aliases") or [])
+    return head + (f"\n{speed:.0f} tok/s" if speed else "")
+
+
+def _place_labels(fig, ax, pts: list[tuple[float, float]], areas: list[float], labels: list[str],  # noqa: ANN001
+                  extra: list) -> None:  # noqa: ANN001 - artists the labels must keep clear of
+    """Each label at the first of a ring of offsets (then wider rings) where its box is inside
+    the axes and clear of every marker, every label placed before it and ``extra``; a thin
+    leader line when it had to move away. Labels with nowhere to go are numbered."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72.0
+    inside = ax.get_window_extent(renderer).padded(-3)
+    centres = [ax.transData.transform(p) for p in pts]
+    radii = [(a ** 0.5) / 2 for a in areas]  # marker size is area in points^2: its diameter squared
+    blocked = [Bbox.from_bounds(cx - r * px - 2, cy - r * px - 2, 2 * (r * px + 2), 2 * (r * px + 2))
+               for (cx, cy), r in zip(centres, radii)]
+    blocked += [a.get_window_extent(renderer).padded(3) for a in extra if a is not None]
+    notes: list[str] = []
+    # the crowded first: points with the most neighbours nearby pick their places first
+    order = sorted(range(len(pts)), key=lambda i: -sum(
+        1 for j in range(len(pts)) if ((centres[i] - centres[j]) ** 2).sum() < (120 * px) ** 2))
+    for i in order:
+        r = radii[i] + 3
+        ann = ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(0, 0), fontsize=LABEL_FONT,
+                          zorder=4)
+        spot = _free_spot(ann, renderer, r, inside, blocked, Text)
+        if spot is None:  # nowhere to go: a number here, the label under the plot
+            notes.append(f"[{len(notes) + 1}] {labels[i].replace(chr(10), ', ')}")
+            ann.set_text(f"[{len(notes)}]")
+            spot = _free_spot(ann, renderer, r, inside, blocked, Text)
+            if spot is None:
+                ann.remove()
+                continue
+        box, far = spot
+        if far:  # the same text, with a leader line to its point
+            text, at, ha, va = ann.get_text(), ann.xyann, ann.get_ha(), ann.get_va()
+            ann.remove()
+            ax.annotate(text, pts[i], textcoords="offset points", xytext=at, ha=ha, va=va, fontsize=LABEL_FONT,
+                        zorder=4, arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.6, "shrinkA": 1,
+                                              "shrinkB": radii[i] + 1})
+        blocked.append(box.padded(2))
+    if notes:
+        fig.text(0.01, 0.005, "   ".join(notes), fontsize=LABEL_FONT - 1, va="bottom", wrap=True)
+
+
+# (dx, dy) directions in units of the marker radius, and how the text hangs from its anchor
+_RING = ((1, 0.7, "left", "bottom"), (1, -0.7, "left", "top"), (-1, 0.7, "right", "bottom"),
+         (-1, -0.7, "right", "top"), (1.2, 0, "left", "center"), (-1.2, 0, "right", "center"),
+         (0, 1, "center", "bottom"), (0, -1, "center", "top"))
+
+
+def _free_spot(ann, renderer, r: float, inside, blocked: list, text_cls):  # noqa: ANN001, ANN202
+    """(box, far) of the first free place for ``ann`` around its point, or None; ``far`` when it
+    is off the first ring (a leader line then shows whose label it is)."""
+    for ring, scale in enumerate((1.0, 1.8, 2.8, 4.0, 5.5)):
+        for dx, dy, ha, va in _RING:
+            ann.xyann = (dx * (r * scale + 2), dy * (r * scale + 2))
+            ann.set_ha(ha)
+            ann.set_va(va)
+            ann.update_positions(renderer)  # the text's own transform follows its offset
+            box = text_cls.get_window_extent(ann, renderer)
+            if inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) and \
+                    not any(box.overlaps(b) for b in blocked):
+                return box, ring > 0
+    return None

@@ -1,7 +1,8 @@
 """What a runner child does: tokenize, score perplexity windows, or time generation.
 
 The parent side is :func:`run_in_child`; the protocol itself (job and reply files, progress,
-crash reporting) is the core's (``llmops.core.child``).
+crash reporting) is the core's (``llmops.core.child``). The windows scored and the timed runs are
+progress phases the child reports and the parent's reporter shows.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from llmops.benchmarks.runners import LogitsRunner, RunnerSpec, make_runner
 from llmops.core.child import run_child
+from llmops.core.progress import as_reporter
 
 
 # Cap, in MiB, on what a runner child may allocate once its runtime is imported
@@ -44,31 +46,47 @@ def _cap_memory(backend: str) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
 
 
-def runner_job(job: dict[str, Any], _say: Callable[[str], None]) -> dict[str, Any]:
+def runner_job(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     """The child side of every runner job (see ``llmops.core.child``)."""
     spec = RunnerSpec(**job["spec"])
     _cap_memory(spec.backend)
     if job["kind"] == "latency":
         from llmops.benchmarks.latency import measure
 
-        return measure(spec, job)
+        return measure(spec, job, progress=say)
     if job["kind"] == "tokenize":
         r = make_runner(spec, vocab_only=True)
         text = Path(job["text_file"]).read_text(encoding="utf-8")
         np.save(job["out"], r.tokenize(text))
         return {"add_bos": r.add_bos, "bos_id": r.bos_id, "vocab_size": r.vocab_size}
     runner = make_runner(spec)
-    nll = score_windows(runner, np.load(job["inputs"]), np.load(job["targets"]), job["first"], job["last"],
-                        job.get("out"))
+    reply: dict[str, Any] = {"vocab_size": runner.vocab_size}
+    if job["kind"] == "perplexity":
+        # Tokenized where it is scored: one interpreter start and one model load, as
+        # llama-perplexity does it; the windows go back for the source model to score too.
+        from llmops.benchmarks.windows import make_windows
+
+        tokens = runner.tokenize(Path(job["text_file"]).read_text(encoding="utf-8"))
+        win = make_windows(tokens, spec.n_ctx, job.get("chunks"), runner.add_bos, runner.bos_id)
+        np.save(job["inputs"], win.inputs)
+        np.save(job["targets"], win.targets)
+        reply.update(add_bos=runner.add_bos, bos_id=runner.bos_id, n_tokens=win.n_tokens, first=win.first)
+        inputs, targets, first, last = win.inputs, win.targets, win.first, win.n_ctx - 1
+    else:
+        inputs, targets, first, last = np.load(job["inputs"]), np.load(job["targets"]), job["first"], job["last"]
+    nll = score_windows(runner, inputs, targets, first, last, job.get("out"), progress=say,
+                        phase=job.get("phase") or "score")
     np.save(job["nll"], nll)
-    return {"vocab_size": runner.vocab_size}
+    return reply
 
 
 def score_windows(runner: LogitsRunner, inputs: np.ndarray, targets: np.ndarray, first: int, last: int,
-                  logits_out: str | Path | None = None) -> np.ndarray:
+                  logits_out: str | Path | None = None, *, progress: Callable[[str], None] | None = None,
+                  phase: str = "score") -> np.ndarray:
     """Per-token NLL ``[n_chunk, last - first]`` of each window's scored positions, computed where
     the logits are made; the logits themselves (``[n_chunk, last - first, vocab]`` float32, 50 MB
-    a window for a 49k vocabulary) go to ``logits_out`` only when a comparison needs them."""
+    a window for a 49k vocabulary) go to ``logits_out`` only when a comparison needs them. The
+    windows are the progress phase ``phase`` of ``progress``."""
     from llmops.benchmarks.metrics import token_nll
 
     keep = None
@@ -76,17 +94,21 @@ def score_windows(runner: LogitsRunner, inputs: np.ndarray, targets: np.ndarray,
         keep = np.lib.format.open_memmap(logits_out, mode="w+", dtype=np.float32,
                                          shape=(inputs.shape[0], last - first, runner.vocab_size))
     nll = np.empty(targets.shape, dtype=np.float64)
-    for i in range(inputs.shape[0]):
-        lg = runner.logits(inputs[i], first, last)
-        nll[i] = token_nll(lg, targets[i])
-        if keep is not None:
-            keep[i] = lg
+    with as_reporter(progress).phase(phase, total=int(inputs.shape[0]), unit="chunk") as bar:
+        for i in range(inputs.shape[0]):
+            lg = runner.logits(inputs[i], first, last)
+            nll[i] = token_nll(lg, targets[i])
+            if keep is not None:
+                keep[i] = lg
+            bar.advance()
     if keep is not None:
         keep.flush()
         del keep
     return nll
 
 
-def run_in_child(job: dict[str, Any], what: str, workdir: str | Path, timeout: float | None = None) -> dict[str, Any]:
-    """Run a runner job in a child interpreter; native crashes and OOM kills become LLMOpsError."""
-    return run_child("llmops.benchmarks.jobs:runner_job", job, what, workdir, timeout=timeout)
+def run_in_child(job: dict[str, Any], what: str, workdir: str | Path, timeout: float | None = None, *,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run a runner job in a child interpreter; native crashes and OOM kills become LLMOpsError.
+    Its progress goes to ``progress``, else to the ambient reporter (``llmops.core.progress.reporting``)."""
+    return run_child("llmops.benchmarks.jobs:runner_job", job, what, workdir, timeout=timeout, progress=progress)

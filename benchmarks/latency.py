@@ -9,12 +9,14 @@ then ``runs`` timed runs, reported as lists so the caller takes medians.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from llmops.benchmarks.runners import RunnerSpec
 from llmops.core.procfs import peak_rss
+from llmops.core.progress import as_reporter
 
 
 class _LlamaCpp:
@@ -124,8 +126,9 @@ class _GenAI:
 BACKENDS = {"llama.cpp": _LlamaCpp, "torch": _Torch, "gptq": _Torch, "onnx": _GenAI}
 
 
-def measure(spec: RunnerSpec, job: dict[str, Any]) -> dict[str, Any]:
-    """Runs in the child: load, warm up, time ``runs`` generations of ``decode_tokens`` after a prompt."""
+def measure(spec: RunnerSpec, job: dict[str, Any], progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs in the child: load, warm up, time ``runs`` generations of ``decode_tokens`` after a prompt;
+    the timed runs (the warm-up before them) are one progress phase of ``progress``."""
     prompt = [int(t) for t in np.load(job["prompt"])]
     n_new = int(job.get("decode_tokens", 128))
     runs = int(job.get("runs", 3))
@@ -135,13 +138,16 @@ def measure(spec: RunnerSpec, job: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     result: dict[str, Any] = {"load_s": load_s, "rss_before_load_bytes": rss0}
     if job.get("latency", True):
-        runner.run(prompt, min(8, n_new))  # warm-up: first-call allocations, kernel selection
-        ttft, prefill, decode = [], [], []
-        for _ in range(runs):
-            t_first, t_rest, n = runner.run(prompt, n_new)
-            ttft.append(t_first * 1000)
-            prefill.append(len(prompt) / t_first)
-            decode.append((n - 1) / t_rest if t_rest > 0 and n > 1 else float("nan"))
+        with as_reporter(progress).phase(job.get("phase") or f"latency ({spec.backend})", total=runs,
+                                         unit="run") as bar:
+            runner.run(prompt, min(8, n_new))  # warm-up: first-call allocations, kernel selection
+            ttft, prefill, decode = [], [], []
+            for _ in range(runs):
+                t_first, t_rest, n = runner.run(prompt, n_new)
+                ttft.append(t_first * 1000)
+                prefill.append(len(prompt) / t_first)
+                decode.append((n - 1) / t_rest if t_rest > 0 and n > 1 else float("nan"))
+                bar.advance()
         result.update(ttft_ms=ttft, prefill_tps=prefill, decode_tps=decode, prompt_tokens=len(prompt),
                       decode_tokens=n_new, runs=runs)
     result["peak_rss_bytes"] = peak_rss()

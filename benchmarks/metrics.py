@@ -14,7 +14,9 @@ Sums are accumulated in float64.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,17 +29,42 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def token_nll(logits: np.ndarray, targets: np.ndarray, *, threads: int | None = None) -> np.ndarray:
     """NLL of ``targets[i]`` under ``logits[i]`` for each row i.
 
     Only the log-sum-exp of each row is needed, not the whole log-softmax: the exponentials
     are taken in float32 after subtracting the row maximum (each lies in (0, 1], relative
-    error ~1e-7) and summed in float64, half the memory traffic of a float64 log-softmax."""
+    error ~1e-7) and summed in float64, half the memory traffic of a float64 log-softmax.
+    Rows are split over ``threads`` (default: every core; numpy's loops release the GIL), as
+    llama-perplexity spreads its own log-softmax: a 49k vocabulary makes this ~0.1 s a chunk
+    on one core, a tenth of the model's time. Each row's arithmetic is the same however the
+    rows are split, so the result does not depend on the thread count."""
     x = np.asarray(logits, dtype=np.float32)
+    t = np.asarray(targets, dtype=np.int64)
+    n = min(threads or os.cpu_count() or 1, max(1, x.shape[0] // 64))
+    if n <= 1:
+        return _rows_nll(x, t)
+    bounds = np.linspace(0, x.shape[0], n + 1).astype(int)
+    parts = list(_pool(n).map(lambda ab: _rows_nll(x[ab[0]:ab[1]], t[ab[0]:ab[1]]), zip(bounds[:-1], bounds[1:])))
+    return np.concatenate(parts)
+
+
+def _rows_nll(x: np.ndarray, targets: np.ndarray) -> np.ndarray:
     rows = np.arange(x.shape[0])
     m = x.max(axis=-1, keepdims=True)
     lse = np.log(np.exp(x - m).sum(axis=-1, dtype=np.float64)) + m[:, 0].astype(np.float64)
-    return lse - x[rows, np.asarray(targets, dtype=np.int64)].astype(np.float64)
+    return lse - x[rows, targets].astype(np.float64)
+
+
+_POOLS: dict[int, Any] = {}
+
+
+def _pool(n: int) -> Any:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="llmops-nll")
+    return _POOLS[n]
 
 
 def perplexity(nll: np.ndarray | list[float]) -> float:

@@ -6,6 +6,8 @@ in a child interpreter (``jobs.py``), so a native crash or an OOM kill is one li
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -71,7 +73,7 @@ class HFTokenizerMixin:
 
         p = Path(path)
         root = p if p.is_dir() else p.parent
-        self.tokenizer = AutoTokenizer.from_pretrained(root)
+        self.tokenizer = _meta_tiktoken(root) or AutoTokenizer.from_pretrained(root)
         probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         bos = self.tokenizer.bos_token_id
         self.add_bos = bool(bos is not None and probe and probe[0] == bos)
@@ -80,6 +82,29 @@ class HFTokenizerMixin:
     def tokenize(self, text: str) -> np.ndarray:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return np.asarray(ids, dtype=np.int32)
+
+
+def _meta_tiktoken(root: Path) -> Any:
+    """A Meta-layout folder whose only tokenizer is Llama 3's tiktoken ``tokenizer.model``: the
+    Hugging Face tokenizer transformers would make of it (the one the GGUF export writes), since
+    AutoTokenizer finds no files to load; None for every other folder."""
+    import tempfile
+
+    from llmops.core.layouts import is_meta_layout, tokenizer_model_kind
+
+    model = root / "tokenizer.model"
+    if ((root / "tokenizer.json").is_file() or (root / "tokenizer_config.json").is_file() or not model.is_file()
+            or not is_meta_layout(root) or tokenizer_model_kind(model) != "tiktoken"):
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    from llmops.core.checkpoint import open_checkpoint
+    from llmops.core.tiktoken_vocab import write_hf_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="llmops-tiktoken-") as tmp:
+        write_hf_tokenizer(model, Path(tmp), open_checkpoint(root).config)
+        return PreTrainedTokenizerFast(tokenizer_file=str(Path(tmp) / "tokenizer.json"),
+                                       **json.loads((Path(tmp) / "tokenizer_config.json").read_text()))
 
 
 def make_runner(spec: RunnerSpec, vocab_only: bool = False) -> LogitsRunner:

@@ -16,6 +16,7 @@ from llmops.converters.base import ArtifactRecord, TargetSpec
 from llmops.converters.targets import parse_target, valid_targets
 from llmops.core import plugins
 from llmops.core.errors import NotAvailable
+from llmops.core.progress import as_reporter
 
 __all__ = ["convert", "parse_target", "valid_targets", "converter_for", "CONVERTERS"]
 
@@ -52,14 +53,15 @@ def convert(
     before returning, else the record is *staged* (``record.output`` is the temporary copy)
     and the caller checks it, then calls ``record.commit()`` or ``record.discard()``.
     ``options`` go to the converter with the target (GPTQ's calibration data, group
-    size, ...).
+    size, ...). ``progress``: a plain callable (every message, each phase's start and end and its
+    per-item lines) or a reporter (``llmops.core.progress``) that shows phases as it likes.
     """
     from llmops.core.procfs import PeakRSS
 
     spec = parse_target(target) if isinstance(target, str) else target
     if options:
         spec = TargetSpec(spec.format, spec.quant, {**spec.options, **options})
-    say = progress or (lambda _m: None)
+    say = as_reporter(progress)
     converter = converter_for(spec.format, allow_nonfinite=allow_nonfinite, threads=threads, device=device)
     t0 = time.perf_counter()
     with PeakRSS() as mem:

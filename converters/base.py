@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from llmops.core.atomic import Staged
 
+# a plain callable or a reporter (llmops.core.progress.Reporter, itself such a callable)
 Progress = Callable[[str], None]
 
 
@@ -42,6 +43,9 @@ class ArtifactRecord:
     verification: dict[str, float] | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     tool_versions: dict[str, str] = field(default_factory=dict)
+    # the output's tensors, {name, shape, type, bytes} each, in the format's own spelling of shapes
+    # and types: for --json and -v, never the registry's parameters (thousands of rows for a large model)
+    tensors: list[dict[str, Any]] | None = field(default=None, repr=False)
     staged: Staged | None = field(default=None, repr=False, compare=False)
 
     def commit(self) -> Path:
@@ -107,6 +111,18 @@ def finish(result: Any, commit: bool) -> Any:
     if commit and result.staged is not None:
         result.path, result.staged = result.staged.commit(), None
     return result
+
+
+def tensor_lines(table: list[dict[str, Any]]) -> list[str]:
+    """The per-tensor table (``-v``) as lines, ``[i/n] name [shape] -> TYPE bytes``, in columns as
+    wide as the table needs, so thousands of rows stay readable."""
+    n = len(table)
+    wn = max((len(r["name"]) for r in table), default=0)
+    ws = max((len(str(r["shape"])) for r in table), default=0)
+    wt = max((len(r["type"]) for r in table), default=0)
+    wi = len(str(n))
+    return [f"[{i:>{wi}}/{n}] {r['name']:<{wn}}  {str(r['shape']):<{ws}}  -> {r['type']:<{wt}} {r['bytes']:>14,} bytes"
+            for i, r in enumerate(table, 1)]
 
 
 def bits_per_weight(stored_tensor_bytes: int, parameter_count: int) -> float | None:

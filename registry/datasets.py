@@ -137,11 +137,17 @@ def _undo_run(client, run_id: str, logged_uri: str | None) -> None:  # noqa: ANN
                 lambda: client.delete_run(run_id))
 
 
+def mlflow_digest(info: DatasetInfo) -> str:
+    """The digest MLflow shows for a dataset version: its sha256, short. A metric logged with
+    this name and digest is linked, in the UI, to the run's dataset input of that version."""
+    return info.sha256[:12]
+
+
 def mlflow_input(info: DatasetInfo, context: str):  # noqa: ANN201 - mlflow DatasetInput
     """The MLflow dataset input that shows a run's data on its page in the UI."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    ds = Dataset(name=info.name, digest=info.sha256[:12], source_type="llmops", source=json.dumps(
+    ds = Dataset(name=info.name, digest=mlflow_digest(info), source_type="llmops", source=json.dumps(
         {"uri": info.uri, "stored_uri": info.stored_uri, "sha256": info.sha256}),
         schema=None, profile=json.dumps({"records": info.records, "size_bytes": info.size_bytes, "format": info.format}))
     return DatasetInput(ds, tags=[InputTag("mlflow.data.context", context), InputTag("llmops.version", info.version)])
@@ -164,6 +170,13 @@ def show(store: Store, ref: str | Ref) -> DatasetInfo:
         if v is None:
             raise LLMOpsError(f"{ref} not found")
         return _info(v, created=False)
+
+
+def info_for_artifact(session, artifact_id: int) -> DatasetInfo | None:  # noqa: ANN001 - Session
+    """The newest dataset version holding an artifact's bytes (None: not a dataset)."""
+    v = session.scalars(select(Version).where(Version.kind == "dataset", Version.artifact_id == artifact_id)
+                        .order_by(Version.id.desc())).first()
+    return _info(v, created=False) if v is not None else None
 
 
 def local_copy(store: Store, ref: str):  # noqa: ANN201 - context manager yielding a Path

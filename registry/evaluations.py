@@ -1,5 +1,6 @@
 """What an evaluation leaves in the registry: benchmark results with their hardware and protocol,
-the ``evaluated_on`` edge to the eval text, and the figures on the version's MLflow run.
+the ``evaluated_on`` edge to the eval text, and the figures on the version's MLflow run and its
+LoggedModel (with the dataset they were measured on).
 
 Callers pass plain values (measurements, a hardware profile, a dataset version); the
 rows are written here. A verification measured while converting travels with the
@@ -9,7 +10,6 @@ registration (``registration.register(evaluations=...)``) and lands in its trans
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,8 @@ class Evaluation:
 
 
 def link_evaluated_on(session: Session, dataset_artifact_id: int, artifact_id: int, parameters: dict[str, Any],
-                      run_id: int | None = None) -> None:
-    """The ``evaluated_on`` edge, once per (dataset, artifact)."""
+                      run_id: int | None = None) -> bool:
+    """The ``evaluated_on`` edge, once per (dataset, artifact); True when it is new."""
     exists = session.scalars(select(LineageEdge.id).where(
         LineageEdge.parent_id == dataset_artifact_id, LineageEdge.child_id == artifact_id,
         LineageEdge.relation == "evaluated_on")).first()
@@ -49,20 +49,25 @@ def link_evaluated_on(session: Session, dataset_artifact_id: int, artifact_id: i
         session.add(LineageEdge(parent_id=dataset_artifact_id, child_id=artifact_id, relation="evaluated_on",
                                 parameters=parameters, run_id=run_id))
         session.flush()
+        return True
+    return False
 
 
-def write(session: Session, artifact_id: int, evaluation: Evaluation, run: Run | None = None) -> None:
-    """An evaluation's rows, in the caller's transaction."""
+def write(session: Session, artifact_id: int, evaluation: Evaluation, run: Run | None = None) -> bool:
+    """An evaluation's rows, in the caller's transaction; True when it added a lineage edge
+    (the caller redraws the lineage picture once the transaction is committed)."""
     dataset_art = artifacts.by_sha(session, evaluation.dataset.sha256) if evaluation.dataset is not None else None
     if evaluation.dataset is not None and dataset_art is None:
         raise LookupError(f"{evaluation.dataset.uri} has no llmops record")
+    added = False
     if dataset_art is not None and evaluation.link:
-        link_evaluated_on(session, dataset_art.id, artifact_id,
-                          {"dataset": evaluation.dataset.uri, "purpose": evaluation.purpose,  # type: ignore[union-attr]
-                           **evaluation.edge_parameters}, run.id if run is not None else None)
+        added = link_evaluated_on(session, dataset_art.id, artifact_id,
+                                  {"dataset": evaluation.dataset.uri, "purpose": evaluation.purpose,  # type: ignore[union-attr]
+                                   **evaluation.edge_parameters}, run.id if run is not None else None)
     results.record(session, artifact_id=artifact_id, hardware=evaluation.hardware, backend=evaluation.backend,
                    device=evaluation.device, measurements=evaluation.measurements, run=run,
                    eval_dataset_id=dataset_art.id if dataset_art is not None else None)
+    return added
 
 
 def record_bench(store: Store, *, ref: str | None, path: Path, kind: str, fmt: str | None, quant: str | None,
@@ -71,13 +76,18 @@ def record_bench(store: Store, *, ref: str | None, path: Path, kind: str, fmt: s
                  log_dataset: bool = False) -> str:
     """An ``llmops bench`` of one artifact: a run row, its results, the ``evaluated_on`` edge (when
     accuracy was measured on a dataset), and for a registered version its ``bench.*`` metrics and
-    dataset input on the version's MLflow run. Returns the hardware fingerprint."""
+    dataset input on the version's MLflow run, the metrics also on its LoggedModel (created for a
+    version registered before LoggedModels), and the lineage picture redrawn when the edge is new.
+    Returns the hardware fingerprint."""
+    from llmops.registry import logged_models
     from llmops.registry.tables import Artifact
     from llmops.registry.versions import resolve_artifact, resolve_model_version, run_of
 
     mv = resolve_model_version(store, ref) if ref and ref.startswith("models:/") else None
     known = resolve_artifact(store, ref) if ref else None
     mlflow_run = run_of(mv) if mv is not None else None
+    # found (or made) before this run's results exist, so that a new one does not log them twice
+    model_id = logged_models.for_version(store, mv.name, str(mv.version), mlflow_run) if mlflow_run else None
     with store.session() as s:
         if known is not None:
             art = s.get(Artifact, known.id)
@@ -89,15 +99,21 @@ def record_bench(store: Store, *, ref: str | None, path: Path, kind: str, fmt: s
                   status="finished", finished_at=utcnow(), seconds=seconds, mlflow_run_id=mlflow_run)
         s.add(run)
         s.flush()
-        write(s, art.id, evaluation, run)
+        added = write(s, art.id, evaluation, run)
+        art_id = art.id
     if mlflow_run:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        store.mlflow.log_batch(mlflow_run, metrics=[Metric(f"bench.{k}", float(v), ts, 0)
-                                                    for k, v in (mlflow_metrics or {}).items() if v == v])
         if log_dataset and evaluation.dataset is not None:
             from llmops.registry.datasets import log_use
 
             log_use(store, mlflow_run, evaluation.dataset, "evaluation")
+        protocols = {m.metric: m.protocol for m in evaluation.measurements}
+        figures = [logged_models.Figure(f"bench.{k}", float(v), protocols.get(k),
+                                        evaluation.dataset if (protocols.get(k) or {}).get("family") == "accuracy"
+                                        else None)
+                   for k, v in (mlflow_metrics or {}).items() if v == v]
+        logged_models.log_figures(store.mlflow, model_id, mlflow_run, figures)
+    if added:
+        from llmops.registry.pictures import redraw
+
+        redraw(store, art_id)
     return results.fingerprint(evaluation.hardware)

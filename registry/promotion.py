@@ -24,7 +24,6 @@ from llmops.core.errors import LLMOpsError, UsageError
 from llmops.registry import protocols, results, traces
 from llmops.registry.gates import Gate, GateResult, Provenance, evaluate
 from llmops.registry.locks import named_lock
-from llmops.registry.versions import run_of
 from llmops.registry.refs import Ref, validate_name
 from llmops.registry.store import Store, actor
 from llmops.registry.tables import Artifact, LineageEdge, Promotion, Version
@@ -198,11 +197,28 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
                 if undo is not None:
                     undo()
                 raise
-        if prompt_art is not None and moved and run_of(mv):
-            from llmops.registry.registration import _draw_lineage
+        if prompt_art is not None and moved:
+            from llmops.registry.pictures import redraw
 
-            _draw_lineage(store, model_art.id, run_of(mv))
+            _link_prompt(store, mv, prompt_art)
+            redraw(store, model_art.id)  # the uses_prompt edge is in the picture now
     return result
+
+
+def _link_prompt(store: Store, mv, prompt_art: Artifact) -> None:  # noqa: ANN001 - mlflow ModelVersion
+    """The prompt version on the version's LoggedModel too (its page's Prompts); a convenience for
+    the UI, so a failure is a warning."""
+    from llmops.registry import logged_models
+
+    model_id = logged_models.model_id_of(mv)
+    if not model_id or not prompt_art.version:
+        return
+    try:
+        logged_models.link_prompt(store.mlflow, model_id, prompt_art.name, prompt_art.version)
+    except Exception as exc:  # noqa: BLE001
+        import sys
+
+        sys.stderr.write(f"warning: could not link {prompt_art.uri} to the LoggedModel {model_id}: {exc}\n")
 
 
 def _move(store: Store, mv, alias: str, previous: str | None, stage: str | None):  # noqa: ANN001, ANN202

@@ -1,12 +1,13 @@
 """Registering a model version: MLflow holds the version, we hold the bytes' identity.
 
 A registration is one operation across two databases: the MLflow run (with its
-parameters, metrics, dataset inputs and the artifact) and model version, then our
-artifact, version, lineage and run rows, and the results of any evaluation that
-came with it (``convert --verify``), in one transaction; only then is the MLflow run
+parameters, metrics, dataset inputs and the artifact), its LoggedModel and model version,
+then our artifact, version, lineage and run rows, and the results of any evaluation that
+came with it (``convert --verify``), in one transaction; only then are the evaluation's
+figures logged to the LoggedModel, the LoggedModel finalized and the MLflow run
 terminated. If anything fails, the MLflow side is deleted again (and rows already
-committed are removed), so a failed registration leaves no version, no active run
-and no rows behind. The same bytes registered twice are one artifact and one stored
+committed are removed), so a failed registration leaves no version, no LoggedModel, no
+active run and no rows behind. The lineage picture is drawn last, outside the operation. The same bytes registered twice are one artifact and one stored
 copy (MLflow's local artifact store copies bytes, so each blob is logged once).
 """
 
@@ -19,10 +20,11 @@ from typing import Any
 
 from sqlalchemy import delete, event, select
 
-from llmops.core.errors import UsageError
-from llmops.core.hashing import sha256_path, size_of
+from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.hashing import copy_path_hashing, sha256_path, size_of
 from llmops.registry import artifacts
 from llmops.registry import evaluations as _evaluations
+from llmops.registry import logged_models
 from llmops.registry.datasets import DatasetInfo, mlflow_input
 from llmops.registry.refs import Ref, is_ref, validate_name
 from llmops.registry.locks import named_lock
@@ -96,16 +98,37 @@ def register(
         elif not Path(p.ref_or_path).expanduser().exists():
             raise UsageError(f"--from {p.ref_or_path}: no such file or folder")
 
-    store.open()
     t0 = time.time()
-    sha = sha256 or sha256_path(src)
-    size = size_of(src)
-    with store.session() as s:
-        existing = artifacts.by_sha(s, sha)
-        stored = existing if existing is not None and existing.meta.get("stored") else None
-        stored_uri, stored_source = (stored.uri, stored.meta.get("source")) if stored else (None, None)
+    # The bytes start moving into the store now, while MLflow is imported and the run created:
+    # on a local store the copy (hashed on the way) is most of a large registration's time.
+    early = _EarlyCopy(src, store.settings.artifact_root) if store.settings.tracking_is_local_db else None
+    try:
+        store.open()
+        size = size_of(src)
+        client = store.mlflow
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
+    try:
+        run = client.create_run(
+            store.experiment_id,
+            run_name=f"{command.split()[0]}-{name}",
+            tags={"llmops.command": command, "llmops.model": name, "mlflow.user": actor()},
+        )
+    except BaseException:
+        if early is not None:
+            early.discard()
+        raise
+    try:
+        sha, stored, copied = _identify_and_copy(store, src, sha256, run.info.artifact_uri, early)
+    except BaseException:
+        if early is not None:
+            early.discard()
+        _undo(client, name, None, run.info.run_id, False, run.info.artifact_uri)
+        raise
+    stored_uri, stored_source = (stored.uri, stored.meta.get("source")) if stored else (None, None)
 
-    client = store.mlflow
     source_label = parents[0].ref_or_path if parents else str(src)
     version_tags = {
         "format": fmt or "unknown",
@@ -116,14 +139,10 @@ def register(
         **({"bits_per_weight": f"{bits_per_weight:.4g}"} if bits_per_weight is not None else {}),
         **(tags or {}),
     }
-    run = client.create_run(
-        store.experiment_id,
-        run_name=f"{command.split()[0]}-{name}",
-        tags={"llmops.command": command, "llmops.model": name, "mlflow.user": actor()},
-    )
     run_id = run.info.run_id
     created_model = False
     mv = None
+    model_id: str | None = None
     written = _Written()
     undone = False
     try:
@@ -142,7 +161,10 @@ def register(
             client.set_tag(run_id, f"llmops.version.{k}", str(v))
         if dataset_inputs:
             client.log_inputs(run_id, [mlflow_input(info, context) for info, context in dataset_inputs])
-        if stored is None:
+        if copied is not None:  # already in this run's artifact folder, hashed on the way
+            stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}" + ("" if src.is_dir() else f"/{src.name}")
+            stored_source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
+        elif stored is None:
             if src.is_dir():
                 client.log_artifacts(run_id, str(src), ARTIFACT_PATH)
                 stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
@@ -166,8 +188,19 @@ def register(
                 source_run = run_id
                 if stored is not None and not store.settings.tracking_is_local_db:
                     source_run = _run_id_in(stored_source) or run_id
-                mv = client.create_model_version(name, stored_source, run_id=source_run,
-                                                 tags={**version_tags, RUN_TAG: run_id})
+                # The LoggedModel first, so that the version names it from its first moment (a
+                # server deploying the new version at once finds the link, never makes another).
+                expected = _next_version(client, name)
+                model_id = logged_models.create(client, store.experiment_id, name=name, version=expected,
+                                                run_id=run_id, version_tags=version_tags)
+                mv = client.create_model_version(
+                    name, stored_source, run_id=source_run,
+                    tags={**version_tags, RUN_TAG: run_id, logged_models.VERSION_TAG: model_id},
+                    description=logged_models.version_description(store.experiment_id, model_id,
+                                                                  logged_models.logged_name(name, expected)))
+                if str(mv.version) != expected:  # another writer numbered a version meanwhile
+                    logged_models.link(client, model_id, name, str(mv.version),
+                                       logged_models.identity(version_tags).params)
 
                 with store.session() as s:
                     event.listen(s, "after_flush", written.collect)
@@ -210,10 +243,14 @@ def register(
                         _evaluations.write(s, art.id, evaluation, run_row)
                     s.flush()
                     art_id = art.id
-                # Our rows are committed; the run is terminated last. Two databases cannot commit
-                # together (and on SQLite they share one file, so MLflow cannot write while our
-                # transaction is open): if the termination fails, the committed rows are removed.
+                # Our rows are committed; the LoggedModel's figures, its finalization and the run's
+                # termination come last. Two databases cannot commit together (and on SQLite they
+                # share one file, so MLflow cannot write while our transaction is open): if one of
+                # these fails, the committed rows are removed.
                 try:
+                    logged_models.log_figures(client, model_id, run_id, [
+                        f for ev in evaluations or [] for f in logged_models.figures_of(ev.measurements, ev.dataset)])
+                    logged_models.finalize(client, model_id)
                     client.set_terminated(run_id, "FINISHED")
                 except BaseException:
                     written.remove(store)
@@ -222,14 +259,109 @@ def register(
                 # Undone while the lock is held: no other registration of this name can have
                 # started on a registered model that this one created.
                 undone = True
-                _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
+                _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None,
+                      model_id)
                 raise
     except BaseException:
         if not undone:
-            _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None)
+            _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None,
+                  model_id)
         raise
-    _draw_lineage(store, art_id, run_id)
+    from llmops.registry.pictures import redraw
+
+    redraw(store, art_id)  # after every edge is written; a failure is a warning
     return show(store, Ref("model", name, str(mv.version)))
+
+
+def _next_version(client, name: str) -> str:  # noqa: ANN001 - MlflowClient
+    """The number MLflow will give the next version of ``name`` (the highest one plus one; the
+    caller holds the model's registration lock)."""
+    versions = client.search_model_versions(f"name='{name}'")
+    return str(max((int(v.version) for v in versions), default=0) + 1)
+
+
+class _EarlyCopy:
+    """A copy of the bytes into the store's artifact folder, hashed on the way, on a thread of its
+    own: started before MLflow is imported and the run exists, moved into the run's folder by a
+    rename once it does (same filesystem; a copy across filesystems otherwise)."""
+
+    def __init__(self, src: Path, root: Path) -> None:
+        import tempfile
+        import threading
+
+        root.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+        self.path = self.dir / src.name
+        self._src = src
+        self._sha: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="llmops-register-copy", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._sha = copy_path_hashing(self._src, self.path)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._sha is not None
+        return self._sha
+
+    def move_to(self, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.path), str(dest))
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the staging folder; a copy still running writes on into unlinked files and ends."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _identify_and_copy(store: Store, src: Path, sha256: str | None, artifact_uri: str,
+                       early: _EarlyCopy | None = None) -> tuple[str, Artifact | None, Path | None]:
+    """(sha256, the stored artifact with these bytes or None, the copy made or None).
+
+    A multi-GB artifact must be read once, not hashed and then copied: where the run's artifact
+    folder is local (the store's own folder), the bytes are copied into it while they are hashed
+    (``core.hashing.copy_path_hashing``; a reflink where the filesystem has them) and MLflow's
+    copy is skipped. Bytes already stored (same sha256) are one copy: a copy made before the hash
+    was known is removed again. A hash given by the caller (the converter's) is checked against
+    the bytes copied, so a file changed since it was hashed is refused rather than registered
+    under the wrong identity. Behind a tracking server the file is hashed, then uploaded."""
+    local = artifacts.local_path(artifact_uri)
+    if early is not None and local is None:  # not a local run folder after all: MLflow uploads
+        early.discard()
+        early = None
+
+    def stored_with(sha: str) -> Artifact | None:
+        with store.session() as s:
+            existing = artifacts.by_sha(s, sha)
+            return existing if existing is not None and existing.meta.get("stored") else None
+
+    if local is None:
+        sha = sha256 or sha256_path(src)
+        return sha, stored_with(sha), None
+    if sha256 is not None and (stored := stored_with(sha256)) is not None:
+        if early is not None:
+            early.discard()
+        return sha256, stored, None
+    dest = local / ARTIFACT_PATH if src.is_dir() else local / ARTIFACT_PATH / src.name
+    if early is not None:
+        got = early.result()
+        early.move_to(dest)
+    else:
+        got = copy_path_hashing(src, dest)
+    if sha256 is not None and got != sha256:
+        raise LLMOpsError(f"{src}: its bytes changed after they were hashed (now sha256 {got[:12]}…, "
+                          f"recorded {sha256[:12]}…); nothing registered")
+    if sha256 is None and (stored := stored_with(got)) is not None:
+        shutil.rmtree(local / ARTIFACT_PATH, ignore_errors=True)
+        return got, stored, None
+    return got, None, dest
 
 
 # Rows a registration inserts, in the order they can be deleted (children first).
@@ -267,29 +399,20 @@ class _Written:
             sys.stderr.write(f"warning: could not remove the rows of a failed registration: {exc}\n")
 
 
-def _draw_lineage(store: Store, artifact_id: int, run_id: str) -> None:
-    """The lineage picture is a convenience for the UI: its failure must not undo a registration."""
-    try:
-        from llmops.registry.pictures import log_lineage_picture
-
-        log_lineage_picture(store, artifact_id, run_id)
-    except Exception as exc:  # noqa: BLE001
-        import sys
-
-        sys.stderr.write(f"warning: could not draw the lineage picture: {exc}\n")
-
-
-def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: str | None) -> None:  # noqa: ANN001
+def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: str | None,  # noqa: ANN001
+          model_id: str | None = None) -> None:
     """Compensate a half-done registration on the MLflow side (best effort).
 
-    The run is marked FAILED, then deleted (MLflow's delete_run is a soft delete that
-    keeps the artifacts; bytes this registration copied into a local store are removed here).
+    The LoggedModel is deleted, the run marked FAILED, then deleted (MLflow's deletes of both
+    are soft deletes that keep the artifacts; bytes this registration copied into a local
+    store are removed here).
     """
     logged = artifacts.local_path(logged_uri) if logged_uri else None
     best_effort(
         (lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
         (lambda: client.delete_model_version(name, mv.version)) if mv is not None else None,
         (lambda: client.delete_registered_model(name)) if created_model else None,
+        (lambda: logged_models.discard(client, model_id)) if model_id else None,
         lambda: client.set_terminated(run_id, "FAILED"),
         lambda: client.delete_run(run_id),
     )

@@ -66,6 +66,7 @@ class Result:
     backend: str
     device: str
     created_at: datetime | None = None
+    eval_dataset_id: int | None = None  # the dataset's artifact, for results measured on one
 
     @property
     def kind(self) -> str:
@@ -116,7 +117,8 @@ def history(session: Session, artifact_id: int, hardware_fingerprint: str | None
         q = q.where(Hardware.fingerprint.startswith(hardware_fingerprint))
     rows = session.execute(q.order_by(BenchmarkResult.created_at.desc(), BenchmarkResult.id.desc())).all()
     return [Result(r.metric, r.value, r.unit, r.protocol or dict(protocols.UNKNOWN),
-                   r.protocol_key or protocols.protocol_key(None), fp, r.backend, r.device, r.created_at)
+                   r.protocol_key or protocols.protocol_key(None), fp, r.backend, r.device, r.created_at,
+                   r.eval_dataset_id)
             for r, fp in rows]
 
 

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from llmops.core.errors import LLMOpsError, UsageError
+from llmops.registry.logged_models import VERSION_TAG
 from llmops.registry.refs import validate_name
 from llmops.registry.store import Store
 
@@ -65,7 +66,7 @@ META_ERROR = "llmops.error"
 META_LOAD_S = "llmops.load_s"
 
 # The model version's tag naming the MLflow LoggedModel its traces are linked to.
-LOGGED_MODEL_TAG = "llmops.logged_model_id"
+LOGGED_MODEL_TAG = VERSION_TAG
 
 PAGE = 1000
 MAX_TRACES = 200_000
@@ -355,29 +356,11 @@ def gate_metrics(store: Store, name: str, version: str, *, alias: str | None = N
 
 # -- the link between a version and its traces ------------------------------------------------
 def logged_model_for(store: Store, name: str, version: str, run_id: str | None = None) -> str | None:
-    """The MLflow LoggedModel that the traces of ``models:/NAME/VERSION`` are linked to
-    (trace metadata ``mlflow.modelId``), created on first use and named in the version's
-    ``llmops.logged_model_id`` tag, so the MLflow UI lists the version's traces on that
-    model's page and ``search_traces(model_id=...)`` finds them. None where the tracking
-    store cannot hold LoggedModels."""
-    from llmops.registry.locks import named_lock
+    """The MLflow LoggedModel that the traces of ``models:/NAME/VERSION`` are linked to (trace
+    metadata ``mlflow.modelId``): the one its registration made (``llmops.registry.logged_models``),
+    or, for a version registered before LoggedModels, one made now the same way. The MLflow UI
+    then lists the version's traces on that model's page, and ``search_traces(model_id=...)``
+    finds them. None where the tracking store cannot hold LoggedModels."""
+    from llmops.registry.logged_models import for_version
 
-    client = store.open().mlflow
-    mv = client.get_model_version(name, str(version))
-    existing = (mv.tags or {}).get(LOGGED_MODEL_TAG)
-    if existing:
-        return existing
-    try:
-        with named_lock(store, f"logged-model:{name}"):
-            mv = client.get_model_version(name, str(version))
-            existing = (mv.tags or {}).get(LOGGED_MODEL_TAG)
-            if existing:
-                return existing
-            lm = client.create_logged_model(
-                store.experiment_id, name=f"{name}-v{version}", source_run_id=run_id,
-                tags={TAG_MODEL: name, TAG_VERSION: str(version), "llmops.registered_model": f"models:/{name}/{version}"},
-            )
-            client.set_model_version_tag(name, str(version), LOGGED_MODEL_TAG, lm.model_id)
-            return lm.model_id
-    except Exception:  # noqa: BLE001 - the link is a convenience; tags still name the version
-        return None
+    return for_version(store, name, version, run_id)

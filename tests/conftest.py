@@ -151,3 +151,35 @@ def eval_text_path() -> Path:
     if os.environ.get("CI"):  # CI always has the shared copy: its absence is a broken setup, not a skip
         pytest.fail("no eval text under CI=true: set LLMOPS_EVAL_TEXT")
     pytest.skip("no eval text: set LLMOPS_EVAL_TEXT")
+
+
+@pytest.fixture(scope="session")
+def eval_text(eval_text_path: Path) -> str:
+    """The eval text itself (normalised as llmops reads it)."""
+    from llmops.core.evaltext import load_eval_text
+
+    return load_eval_text(eval_text_path).text
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real test model, SmolLM2-135M-Instruct as an fp32 Hugging Face checkpoint (cached)."""
+    from llmops.app.fixtures import smollm2_checkpoint
+
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def reference_converter() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py, unpacked from the llama-cpp-python sdist into a cache folder."""
+    import subprocess
+    import tarfile
+
+    from llmops.app.reference import reference_converter_script
+
+    try:
+        return reference_converter_script()
+    except (OSError, subprocess.CalledProcessError, tarfile.TarError) as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot fetch the llama-cpp-python sdist: {e}")
+        pytest.skip(f"cannot fetch the llama-cpp-python sdist: {e}")

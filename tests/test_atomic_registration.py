@@ -243,3 +243,29 @@ def test_concurrent_dataset_adds_get_versions_one_to_n(store_env, tmp_path, monk
         assert datasets.show(store, f"datasets:/shared/{version}").sha256 == sha
     assert datasets.list_datasets(store) == [dict(datasets.list_datasets(store)[0], name="shared",
                                                   latest_version=str(N_WRITERS), versions=N_WRITERS)]
+
+
+def test_registration_copies_once_and_refuses_bytes_changed_since_hashed(store_env, tmp_path) -> None:
+    """The bytes are hashed while they are copied into the store; a caller's hash that the copied
+    bytes do not match (the file changed after conversion) registers nothing and leaves no copy."""
+    from llmops.core.errors import LLMOpsError
+    from llmops.core.hashing import sha256_path
+    from llmops.registry.registration import register
+
+    store = store_env.store()
+    client = _client(store_env)
+    blob = tmp_path / "model.gguf"
+    blob.write_bytes(b"weights" * 300_000)
+    before = _row_counts(store)
+    with pytest.raises(LLMOpsError, match="changed after they were hashed"):
+        register(store, blob, "changed", sha256="0" * 64)
+    assert client.search_model_versions("name = 'changed'") == []
+    assert _running_runs(client) == [] and _row_counts(store) == before
+    assert not any((store_env.store_dir / "artifacts").rglob("model.gguf"))
+
+    v = register(store, blob, "changed")
+    assert v.sha256 == sha256_path(blob)
+    stored = list((store_env.store_dir / "artifacts").rglob("model.gguf"))
+    assert len(stored) == 1 and stored[0].read_bytes() == blob.read_bytes()
+    again = register(store, blob, "changed")  # the same bytes: one stored copy
+    assert again.version == "2" and len(list((store_env.store_dir / "artifacts").rglob("model.gguf"))) == 1

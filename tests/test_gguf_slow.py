@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -19,39 +18,6 @@ pytestmark = pytest.mark.slow
 # byte identity with llama.cpp, tokenizer identity and the reference perplexities run in CI too
 fidelity = pytest.mark.fidelity
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Path:
-    from llmops.app.fixtures import smollm2_checkpoint
-
-    return smollm2_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def wikitext() -> str:
-    try:
-        from llmops.core.evaltext import load_eval_text
-
-        return load_eval_text(WIKITEXT if WIKITEXT.is_file() else None).text
-    except Exception as e:  # noqa: BLE001
-        if os.environ.get("CI"):
-            pytest.fail(f"no wikitext-2: {e}")
-        pytest.skip(f"no wikitext-2: {e}")
-
-
-@pytest.fixture(scope="module")
-def reference_converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py, unpacked from the llama-cpp-python sdist into a cache folder."""
-    from llmops.app.reference import reference_converter_script
-
-    try:
-        return reference_converter_script()
-    except (OSError, subprocess.CalledProcessError, tarfile.TarError) as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"cannot fetch the llama-cpp-python sdist: {e}")
-        pytest.skip(f"cannot fetch the llama-cpp-python sdist: {e}")
 
 
 def _reference(script: Path, src: Path, outtype: str, out: Path) -> Path:
@@ -101,31 +67,31 @@ def test_q4_k_m_byte_identical_to_f16_then_llama_quantize(outputs, reference_con
 # wikitext-2 test, ctx 512, first 16 chunks, second half of each chunk scored (llama-perplexity's method)
 @fidelity
 @pytest.mark.parametrize(("quant", "want", "tol"), [("F32", 28.80, 0.05), ("Q8_0", 28.95, 0.10), ("Q4_K_M", 30.34, 0.20)])
-def test_wikitext_perplexity(outputs, wikitext, quant, want, tol):
+def test_wikitext_perplexity(outputs, eval_text, quant, want, tol):
     from llmops.benchmarks.accuracy import evaluate_gguf
 
-    res = evaluate_gguf(outputs[quant], wikitext, chunks=16, n_ctx=512)
+    res = evaluate_gguf(outputs[quant], eval_text, chunks=16, n_ctx=512)
     assert res["chunks"] == 16 and res["tokens"] == 16 * 255
     assert abs(res["ppl_output"] - want) <= tol, res["ppl_output"]
 
 
 @fidelity
-def test_tokenization_equals_hf_on_wikitext(outputs, wikitext, smollm2):
+def test_tokenization_equals_hf_on_wikitext(outputs, eval_text, smollm2):
     from transformers import AutoTokenizer
 
     from llmops.benchmarks.accuracy import tokenize_with_gguf
 
-    ids, add_bos, _ = tokenize_with_gguf(outputs["F16"], wikitext)
+    ids, add_bos, _ = tokenize_with_gguf(outputs["F16"], eval_text)
     assert not add_bos  # SmolLM2 adds no BOS
-    hf = AutoTokenizer.from_pretrained(smollm2)(wikitext, add_special_tokens=True)["input_ids"]
+    hf = AutoTokenizer.from_pretrained(smollm2)(eval_text, add_special_tokens=True)["input_ids"]
     assert len(ids) == len(hf)
     assert ids.tolist() == hf
 
 
-def test_verification_against_source(smollm2, wikitext, tmp_path):
+def test_verification_against_source(smollm2, eval_text, tmp_path):
     from llmops.app.converting import convert
 
-    rec = convert(smollm2, "gguf-q8_0", tmp_path, eval_text=wikitext)
+    rec = convert(smollm2, "gguf-q8_0", tmp_path, eval_text=eval_text)
     v = rec.verification
     assert v is not None
     assert 0 < v["kld"] < 0.01 and v["top1_agreement"] > 0.95

@@ -123,3 +123,13 @@ def test_token_nll_equals_the_log_softmax_of_the_target() -> None:
     targets = rng.integers(0, 5000, 64)
     want = -log_softmax(logits)[np.arange(64), targets]
     np.testing.assert_allclose(token_nll(logits, targets), want, rtol=1e-6)
+
+
+def test_token_nll_is_the_same_on_any_number_of_threads() -> None:
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((511, 3000)) * 6).astype(np.float32)
+    targets = rng.integers(0, 3000, 511)
+    one = token_nll(logits, targets, threads=1)
+    assert np.array_equal(one, token_nll(logits, targets, threads=2))
+    assert np.array_equal(one, token_nll(logits, targets, threads=5))
+    np.testing.assert_allclose(one, -log_softmax(logits)[np.arange(511), targets], rtol=1e-6)

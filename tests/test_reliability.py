@@ -329,7 +329,7 @@ def test_evaluation_scratch_goes_to_the_cache_and_is_removed(tiny_pair, tmp_path
     res = accuracy.evaluate(gguf, text, source=src, chunks=2, n_ctx=128, threads=2, source_cache=logits,
                             progress=said.append)
     assert res["kld"] is not None and res["kld"] < 1e-3  # f32 GGUF against its own source
-    assert {f.name for f in seen} >= {"tokens.npy", "text.txt", "output.npy", "source.npy", "output-nll.npy"}
+    assert {f.name for f in seen} >= {"text.txt", "output-inputs.npy", "output.npy", "source.npy", "output-nll.npy"}
     assert scratch.is_dir() and list(scratch.iterdir()) == []  # cleaned after use
     assert list(systmp.iterdir()) == []
     info = res["source_cache"]

@@ -57,13 +57,31 @@ def family_for(config: dict[str, Any], where: str = "config.json") -> Family:
 
 
 def _load_all() -> None:
-    from llmops.converters.gguf import arch_gemma, arch_llama, arch_phi3, arch_qwen  # noqa: F401
+    from llmops.converters.gguf import (  # noqa: F401
+        arch_gemma, arch_granite, arch_llama, arch_olmo, arch_phi3, arch_qwen, arch_smollm3,
+    )
+
+
+_K = gguf.Keys
+# The keys llama.cpp's generic ``TextModel.set_gguf_parameters`` can write for any architecture,
+# ending in ``general.file_type``; a family's own keys come after that.
+GENERIC_PARAMETER_KEYS: tuple[str, ...] = (
+    _K.LLM.BLOCK_COUNT, _K.LLM.CONTEXT_LENGTH, _K.LLM.EMBEDDING_LENGTH, _K.LLM.FEED_FORWARD_LENGTH,
+    _K.Attention.HEAD_COUNT, _K.Attention.HEAD_COUNT_KV, _K.Attention.CAUSAL, _K.Rope.SCALING_TYPE,
+    _K.Rope.SCALING_FACTOR, _K.Rope.SCALING_ORIG_CTX_LEN, _K.Rope.SCALING_YARN_EXT_FACTOR,
+    _K.Rope.SCALING_YARN_ATTN_FACTOR, _K.Rope.SCALING_YARN_BETA_FAST, _K.Rope.SCALING_YARN_BETA_SLOW,
+    _K.Rope.DIMENSION_SECTIONS, _K.Rope.FREQ_BASE, _K.Rope.FREQ_BASE_SWA, _K.Attention.LAYERNORM_RMS_EPS,
+    _K.Attention.LAYERNORM_EPS, _K.LLM.EXPERT_COUNT, _K.LLM.EXPERT_USED_COUNT, _K.LLM.EXPERT_GROUP_COUNT,
+    _K.LLM.EXPERT_GROUP_USED_COUNT, _K.LLM.EXPERT_GATING_FUNC, _K.Attention.KEY_LENGTH, _K.Attention.VALUE_LENGTH,
+)
 
 
 class Family:
     hf_names: ClassVar[tuple[str, ...]] = ()
     model_arch: ClassVar[gguf.MODEL_ARCH]
     prefer_spm: ClassVar[bool] = False  # use tokenizer.model over tokenizer.json when both exist
+    # keys in the writer when the generic parameters were done (set by Family.add_parameters)
+    _generic_end: int | None = None
 
     def __init__(self, config: dict[str, Any], hf_arch: str) -> None:
         self.hparams = config
@@ -143,6 +161,26 @@ class Family:
         if (head_dim := h.get("head_dim")) is not None:
             w.add_key_length(int(head_dim))
             w.add_value_length(int(head_dim))
+        self._generic_end = len(w.kv_data[0])
+
+    def add_early_keys(self, w: gguf.GGUFWriter) -> None:
+        """Keys llama.cpp's converter writes while it prepares the tensors (in a family's
+        ``generate_extra_tensors``), which puts them before every ``general.*`` key but the
+        architecture."""
+
+    def file_type_index(self, keys: list[str], start: int) -> int:
+        """Where ``general.file_type`` goes among the keys written so far (``keys``, in order;
+        the family's parameters from ``start`` on).
+
+        llama.cpp writes it at the end of its generic ``TextModel.set_gguf_parameters``: before
+        the keys a family adds after calling it, after the keys of a family that writes its own
+        list instead. A family that called :meth:`add_parameters` here has that place recorded;
+        one with its own list gets it after the last of its generic keys (the families whose
+        list llama.cpp writes by hand end their generic part the same way)."""
+        if self._generic_end is not None:
+            return self._generic_end
+        generic = {k.format(arch=self.arch_name) for k in GENERIC_PARAMETER_KEYS}
+        return max((i + 1 for i in range(start, len(keys)) if keys[i] in generic), default=len(keys))
 
     def add_rope(self, w: gguf.GGUFWriter) -> None:
         rope_type = str(self.rope.get("rope_type") or "default").lower()
@@ -183,25 +221,31 @@ class Family:
 
 
 def llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
-    """Llama 3.1+ frequency factors (``rope_freqs.weight``), from the published formula."""
+    """Llama 3.1+ frequency factors (``rope_freqs.weight``), from the published formula.
+
+    Computed as llama.cpp's converter computes them (``LlamaModel.generate_extra_tensors``):
+    base frequencies as a float32 torch tensor and each factor from its float32 element, so the
+    smoothed band rounds as it does there (numpy's float32 arithmetic is one ulp off in places)."""
+    import torch
+
     base = float(rope.get("rope_theta", 10000.0))
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    factor = float(rope.get("factor", 8.0))
-    low = float(rope.get("low_freq_factor", 1.0))
-    high = float(rope.get("high_freq_factor", 4.0))
-    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor = rope.get("factor", 8.0)
+    low = rope.get("low_freq_factor", 1.0)
+    high = rope.get("high_freq_factor", 4.0)
+    old_ctx = rope.get("original_max_position_embeddings", 8192)
     low_wl, high_wl = old_ctx / low, old_ctx / high
-    out = []
+    out: list[Any] = []
     for f in freqs:
         wl = 2 * math.pi / f
         if wl < high_wl:
-            out.append(1.0)
+            out.append(1)
         elif wl > low_wl:
             out.append(factor)
         else:
             smooth = (old_ctx / wl - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
+    return torch.tensor(out, dtype=torch.float32).numpy()
 
 
 def stack_experts(names: Iterable[str], pattern: re.Pattern[str], merged: str, weights: tuple[str, ...],

@@ -47,7 +47,10 @@ class Gemma2Family(_GemmaBase):
         w.add_layer_norm_rms_eps(float(h["rms_norm_eps"]))
         w.add_key_length(self.head_dim())
         w.add_value_length(self.head_dim())
-        if (theta := self.rope.get("rope_theta")) is not None:
+        # llama.cpp's converter writes no RoPE base for Gemma 2 and its runtime assumes 10000, the
+        # value every Gemma 2 release has: the same bytes then. A different base is still written,
+        # so such a model runs as its config says rather than as llama.cpp's converter would leave it.
+        if (theta := self.rope.get("rope_theta")) is not None and float(theta) != 10000.0:
             w.add_rope_freq_base(float(theta))
         w.add_attn_logit_softcapping(float(h.get("attn_logit_softcapping") or 0.0))
         w.add_final_logit_softcapping(float(h.get("final_logit_softcapping") or 0.0))
@@ -67,11 +70,13 @@ class Gemma3Family(_GemmaBase):
         w.add_feed_forward_length(int(h["intermediate_size"]))
         w.add_head_count(int(h.get("num_attention_heads") or 8))
         w.add_head_count_kv(int(h.get("num_key_value_heads") or 4))
+        # in the order llama.cpp's converter writes them (its generic keys, then Gemma 3's):
+        # the RoPE bases come before the norm epsilon and the head widths
+        self.rope.setdefault("rope_theta", 1_000_000.0)  # global (full-attention) layers
+        self.add_rope(w)
         w.add_layer_norm_rms_eps(float(h.get("rms_norm_eps") or 1e-6))
         w.add_key_length(int(h.get("head_dim") or 256))
         w.add_value_length(int(h.get("head_dim") or 256))
-        self.rope.setdefault("rope_theta", 1_000_000.0)  # global (full-attention) layers
-        self.add_rope(w)
         if h.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(float(h["final_logit_softcapping"]))
         if h.get("sliding_window_pattern") != 1 and h.get("sliding_window") is not None:

@@ -43,6 +43,10 @@ class Phi3Family(Family):
         w.add_rope_dimension_count(self._rope_dims())
         w.add_rope_freq_base(float(self.rope.get("rope_theta", 10000.0)))
         w.add_sliding_window(int(self.hparams.get("sliding_window") or 0))
+
+    def add_early_keys(self, w: gguf.GGUFWriter) -> None:
+        # llama.cpp's converter writes the attention factor with the rope-factor tensors
+        # (Phi3MiniModel.generate_extra_tensors), before the general.* keys
         long_f = self.rope.get("long_factor")
         if long_f:
             scale = int(self.find(["max_position_embeddings", "n_positions"])) / self._orig_ctx()

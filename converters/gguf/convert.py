@@ -9,13 +9,14 @@ Type choice mirrors llama.cpp's documented pipeline so the bytes are the same:
 * F32/F16/BF16/Q8_0 follow ``convert_hf_to_gguf.py``: 1-D tensors, norms and
   biases stay F32, every other ``.weight`` gets the target type (Q8_0 falls back
   to F16 for rows that are not a multiple of 32).
-* Q4_0 and the K-quant mixes follow "convert to F16, then ``llama-quantize``":
-  the F16 plan above, then llama.cpp's own per-tensor choice
-  (``llama_quant_compute_types``), and each tensor is rounded to F16 before
-  llama.cpp's quantizer sees it, exactly as it would be read back from the F16
-  file. No F16 file is written. Where the llama.cpp build lacks the type-choice
-  helper, the F16 file is written to a temporary name and quantized with
-  ``llama_model_quantize``; the temporary file is removed on every exit path.
+* Q4_0, the K-quant and the I-quant mixes follow "convert to F16, then
+  ``llama-quantize``": the F16 plan above, then llama.cpp's per-tensor choice
+  (``quantize.compute_types``, a port of its ``llama_tensor_get_type``), and each
+  tensor is rounded to F16 before llama.cpp's quantizer sees it, exactly as it
+  would be read back from the F16 file, with the importance matrix, if any
+  (``imatrix``), that llama-quantize would hand it. No F16 file is written;
+  ``force_two_pass`` writes one to a temporary name and quantizes it with
+  ``llama_model_quantize`` (removed on every exit path), the check of the one pass.
 """
 
 from __future__ import annotations
@@ -33,17 +34,18 @@ from typing import Any
 import gguf
 import numpy as np
 
-from llmops.converters.base import finish
+from llmops.converters.base import finish, tensor_lines
 from llmops.converters.naming import model_metadata, output_stem
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
-from llmops.converters.gguf.quantize import compute_types, llama_model_quantize, quantize_rows
+from llmops.converters.gguf.quantize import compute_types, llama_model_quantize, quantize_rows, requires_imatrix
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
 from llmops.converters.gguf.vocab import add_vocab
 from llmops.converters.gguf.writer import StreamingGGUFWriter
 from llmops.core.atomic import Staged, staged_file
-from llmops.core.errors import LLMOpsError
+from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.progress import Reporter, as_reporter
 
 QT = gguf.GGMLQuantizationType
 Progress = Callable[[str], None]
@@ -61,6 +63,7 @@ class PlannedTensor:
     base: QT  # type in the F16 file of the two-step pipeline (== qtype for direct targets)
     data: np.ndarray | None = None  # generated tensors only
     parts: tuple[str, ...] = ()  # checkpoint tensors stacked into this one (MoE experts), in order
+    imatrix: np.ndarray | None = None  # importance of each input column, [matrices, columns] (quantized only)
 
 
 @dataclass
@@ -77,6 +80,8 @@ class GGUFResult:
     size_label: str | None
     data_bytes: int = 0
     sha256: str | None = None
+    # per tensor of the output, in file order: name, shape (GGUF order), type, bytes
+    tensors: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     staged: Staged | None = None  # the output, written but not yet renamed into place
 
@@ -131,7 +136,8 @@ def plan_tensors(ckpt: Checkpoint, family: Family, quant: GGUFQuant) -> list[Pla
     return plan
 
 
-def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int) -> np.ndarray:
+def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarray | None = None,
+            first_row: int = 0, rows_per_matrix: int | None = None) -> np.ndarray:
     if base == QT.F16 and qtype != QT.F16:
         # what llama.cpp's quantizer reads back from the F16 file
         x = x.astype(np.float16).astype(np.float32)
@@ -146,7 +152,8 @@ def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int) -> np.ndarray:
         if nan.any():
             r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)  # quiet NaN, as gguf-py does
         return r
-    return quantize_rows(x, qtype, threads)
+    # importance weights per matrix: a stack of experts uses expert e's for rows of expert e
+    return quantize_rows(x, qtype, threads, imatrix, first_row, rows_per_matrix)
 
 
 def _parallel_rows(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, threads: int) -> np.ndarray:
@@ -187,9 +194,15 @@ def convert_to_gguf(
     progress: Progress | None = None,
     commit: bool = True,
     force_two_pass: bool = False,
+    imatrix: Any = None,
 ) -> GGUFResult:
-    """Write ``ckpt`` as GGUF ``quant_name`` (F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K)."""
-    say = progress or (lambda _m: None)
+    """Write ``ckpt`` as GGUF ``quant_name`` (F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K).
+
+    ``progress``: a reporter (``llmops.core.progress``) or a plain callable; the tensors are one
+    phase, each tensor's row of the table a note (a line of its own for a plain callable).
+    ``imatrix``: an importance matrix for the llama.cpp mixes (``imatrix.ImatrixRequest``, a path
+    to an imatrix file or calibration text, or ``imatrix.ImatrixData``)."""
+    say = as_reporter(progress)
     threads = max(1, threads or os.cpu_count() or 1)
     if quant_name not in QUANTS:
         raise LLMOpsError(f"unknown GGUF quantization {quant_name!r}; choose from {', '.join(QUANTS)}")
@@ -198,10 +211,13 @@ def convert_to_gguf(
     plan = plan_tensors(ckpt, family, quant)
 
     one_pass = True
+    if imatrix is not None and not quant.via_llama_quantizer:
+        raise UsageError(f"--imatrix applies to the quantized GGUF mixes, not {quant.name}")
     if quant.via_llama_quantizer:
-        types = None if force_two_pass else compute_types(
-            family.arch_name, quant.ftype, [(t.name, t.shape, t.base) for t in plan], family.quant_hparams())
-        if types is None:
+        types = compute_types(family.arch_name, quant.ftype, [(t.name, t.shape, t.base) for t in plan],
+                              family.quant_hparams(), has_imatrix=imatrix is not None)
+        _refuse_without_imatrix(quant, types, imatrix)
+        if force_two_pass:
             one_pass = False
         else:
             for t in plan:
@@ -214,10 +230,13 @@ def convert_to_gguf(
         total, shared, expert, n_exp = out.w.get_total_parameter_count()
         md = model_metadata(ckpt, total, shared, expert, n_exp)
         w = out.w
+        # in llama.cpp's converter's order, so the files are the same bytes
+        family.add_early_keys(w)
         w.add_type(gguf.GGUFType.MODEL)
         md.set_gguf_meta_model(w)
+        start = len(w.kv_data[0])
         family.add_parameters(w)
-        w.add_file_type(ftype)
+        _insert_file_type(w, start, family, ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         vocab = add_vocab(w, ckpt.root, ckpt.config, prefer_spm=family.prefer_spm)
         family.add_vocab_extras(w, ckpt.root, vocab)
@@ -236,32 +255,57 @@ def convert_to_gguf(
     if dest.exists() and dest.is_dir():
         raise LLMOpsError(f"{dest} is a folder")
 
+    im = None
+    if imatrix is not None:
+        im = _attach_imatrix(imatrix, ckpt, plan, types, quant, threads, say)
+        im.add_metadata(out.w)
     say(f"converting {ckpt.path} ({family.hf_arch}) to GGUF {quant.name}: {len(plan)} tensors -> {dest}")
     t0 = time.perf_counter()
     with staged_file(dest) as staged:
         tmp = staged.tmp
         if one_pass:
-            _write_all(ckpt, family, plan, out, tmp, allow_nonfinite, threads, say)
+            tensors = _write_all(ckpt, family, plan, out, tmp, allow_nonfinite, threads, say, "convert")
         else:
             out.abort()
             f16_plan = [PlannedTensor(t.src, t.name, t.shape, t.base, t.base, t.data, t.parts) for t in plan]
             f16_out, _, _ = build_writer(QUANTS["F16"].ftype, f16_plan, False)
             with staged_file(dest.with_name(dest.name + ".f16")) as f16:
                 try:
-                    _write_all(ckpt, family, f16_plan, f16_out, f16.tmp, allow_nonfinite, threads, say)
+                    _write_all(ckpt, family, f16_plan, f16_out, f16.tmp, allow_nonfinite, threads, say,
+                               "convert (F16)")
                     say(f"quantizing with llama.cpp to {quant.name}")
-                    llama_model_quantize(str(f16.tmp), str(tmp), quant.ftype, threads)
+                    llama_model_quantize(str(f16.tmp), str(tmp), quant.ftype, threads,
+                                         im.all_weights() if im is not None else None)
                 finally:
                     f16.discard()
         say(f"wrote {dest} in {time.perf_counter() - t0:.1f}s")
-        tensor_types = {t.name: t.qtype.name for t in plan} if one_pass else _read_types(tmp)
+        if not one_pass:
+            tensors = _read_table(tmp)
+        tensor_types = {t["name"]: t["type"] for t in tensors}
     result = GGUFResult(
         path=tmp, quant=quant.name, arch=family.arch_name, hf_arch=family.hf_arch, parameters=int(info["total"]),
         tensor_types=tensor_types, vocab=info["vocab"], one_pass=one_pass, name=str(md.name),
         size_label=md.size_label, data_bytes=sum(n for *_, n in out.plan),
-        sha256=out.sha256 if one_pass else None, staged=staged,
+        sha256=out.sha256 if one_pass else None, tensors=tensors, staged=staged,
+        extra={"imatrix": im.record()} if im is not None else {},
     )
     return finish(result, commit)
+
+
+def _insert_file_type(w: gguf.GGUFWriter, start: int, family: Family, ftype: int) -> None:
+    """``general.file_type`` where llama.cpp writes it: amid the parameters the family wrote
+    (from key ``start`` on), at the place the family names (``Family.file_type_index``)."""
+    kv = w.kv_data[0]
+    if gguf.Keys.General.FILE_TYPE in kv:  # a family that wrote it itself placed it
+        w.add_file_type(ftype)
+        return
+    w.add_file_type(ftype)
+    items = list(kv.items())
+    entry = items.pop()
+    at = min(max(start, family.file_type_index([k for k, _ in items], start)), len(items))
+    items.insert(at, entry)
+    kv.clear()
+    kv.update(items)
 
 
 def _source_chunks(ckpt: Checkpoint, family: Family, t: PlannedTensor,
@@ -350,28 +394,66 @@ def _prefetched(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], all
 
 
 def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out: StreamingGGUFWriter, path: Path,
-               allow_nonfinite: bool, threads: int, say: Progress) -> None:
+               allow_nonfinite: bool, threads: int, rep: Reporter, phase: str) -> list[dict[str, Any]]:
+    """Stream every planned tensor into ``path`` as one progress phase; the tensor table."""
+    table = [{"name": name, "shape": list(reversed(shape)), "type": qt.name, "bytes": nb}
+             for name, shape, qt, nb in out.plan]
     try:
         out.open(path)
-        n = len(plan)
         chunks = _prefetched(ckpt, family, plan, allow_nonfinite)
         try:
-            for i, t in enumerate(plan, 1):
-                say(f"[{i}/{n}] {t.name} {list(reversed(t.shape))} -> {t.qtype.name}")
-                for x in chunks:
-                    if x is _END:
-                        break
-                    out.write(_encode(x, t.qtype, t.base, threads))
-                    del x
-                out.end_tensor()
+            with rep.phase(phase, total=len(plan), unit="tensor", total_bytes=sum(r["bytes"] for r in table)) as bar:
+                rows = tensor_lines(table)
+                for i, t in enumerate(plan):
+                    done_rows = 0  # rows of this tensor already written (which expert's weights apply)
+                    for x in chunks:
+                        if x is _END:
+                            break
+                        encoded = _encode(x, t.qtype, t.base, threads, t.imatrix, done_rows,
+                                          t.shape[-2] if len(t.shape) == 3 else None)
+                        done_rows += x.size // max(1, x.shape[-1]) if x.ndim else 1
+                        out.write(encoded)
+                        bar.advance(0, nbytes=encoded.nbytes)
+                        del x, encoded
+                    out.end_tensor()
+                    bar.advance(note=rows[i])
         finally:
             chunks.close()  # stops the reader thread
         out.close()
     except BaseException:
         out.abort()
         raise
+    return table
 
 
-def _read_types(path: Path) -> dict[str, str]:
+def _read_table(path: Path) -> list[dict[str, Any]]:
+    """The tensor table of a written file (the two-pass path, where llama.cpp chose the types)."""
     r = gguf.GGUFReader(path)
-    return {t.name: t.tensor_type.name for t in r.tensors}
+    return [{"name": t.name, "shape": [int(d) for d in t.shape], "type": t.tensor_type.name, "bytes": int(t.n_bytes)}
+            for t in r.tensors]
+
+
+def _refuse_without_imatrix(quant: GGUFQuant, types: dict[str, QT], imatrix: Any) -> None:
+    """llama-quantize's refusal ("this quantization requires an importance matrix"), before any file."""
+    if imatrix is not None:
+        return
+    need = [n for n, q in types.items() if requires_imatrix(n, q, quant.ftype)]
+    if need:
+        raise UsageError(f"{quant.name} needs an importance matrix ({need[0]} would be {types[need[0]].name}): "
+                         "pass --imatrix FILE (a llama.cpp imatrix file, or calibration text to compute one from)")
+
+
+def _attach_imatrix(req: Any, ckpt: Checkpoint, plan: list[PlannedTensor], types: dict[str, QT], quant: GGUFQuant,
+                    threads: int, say: Progress) -> Any:
+    """Resolve the importance matrix and give each quantized tensor its weights (llama-quantize's lookup)."""
+    from llmops.converters.gguf.imatrix import prepare
+
+    quantized = {t.name for t in plan if types[t.name] not in (QT.F32, QT.F16, QT.BF16) and types[t.name] != t.base}
+    data, weights = prepare(req, source=ckpt.path, threads=threads, say=say,
+                            tensors=[(t.src, t.parts, t.name, t.shape, t.name in quantized) for t in plan])
+    for t in plan:
+        t.imatrix = weights.get(t.name)
+        if t.imatrix is None and t.name in quantized and requires_imatrix(t.name, types[t.name], quant.ftype):
+            raise UsageError(f"the importance matrix has no entry for {t.name}, which {quant.name} makes "
+                             f"{types[t.name].name} (llama.cpp refuses to quantize it without one)")
+    return data

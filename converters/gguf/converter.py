@@ -20,9 +20,11 @@ class GGUFConverter(ConverterOptions):
 
     def write(self, ckpt: Any, target: TargetSpec, output: Path | None, progress: Callable[[str], None]) -> Any:
         from llmops.converters.gguf.convert import convert_to_gguf
+        from llmops.converters.gguf.imatrix import request_from_options
 
         return convert_to_gguf(ckpt, target.quant, output, allow_nonfinite=self.allow_nonfinite, commit=False,
-                               threads=self.threads, progress=progress)
+                               threads=self.threads, progress=progress,
+                               imatrix=request_from_options(target.options))
 
     def describe(self, ckpt: Any, target: TargetSpec, res: Any, seconds: float) -> ArtifactRecord:
         from llmops.core.hashing import sha256_file
@@ -48,7 +50,9 @@ class GGUFConverter(ConverterOptions):
                 "one_pass": res.one_pass,
                 "allow_nonfinite": self.allow_nonfinite,
                 "threads": self.threads,
+                **({"imatrix": res.extra["imatrix"]} if res.extra.get("imatrix") else {}),
             },
             tool_versions=tool_versions(),
+            tensors=res.tensors,
             staged=res.staged,
         )

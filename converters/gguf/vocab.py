@@ -1,12 +1,14 @@
 """Tokenizer export: byte-level BPE (``tokenizer.ggml.model = gpt2``) and SentencePiece (``llama``).
 
 llama.cpp re-implements each BPE pre-tokenizer natively and picks one from
-``tokenizer.ggml.pre``. Which one a Hugging Face tokenizer needs is detected the
-way llama.cpp's own converter does: tokenize llama.cpp's fixed check string and
-hash the token ids. Hashes of tokenizers we have not listed fall back to reading
-the pre-tokenizer's structure from ``tokenizer.json`` (plain GPT-2 byte-level,
-or SmolLM's digits-then-byte-level); anything else is refused rather than
-written with a pre-tokenizer that would silently tokenize differently.
+``tokenizer.ggml.pre``. Which one a Hugging Face tokenizer needs has two opinions
+(``pretokenizers``): the structure of ``tokenizer.json`` (its pre-tokenizer
+steps, normalizer and ``ignore_merges``) matched against llama.cpp's pre-tokenizer
+types, and the hash llama.cpp's own converter uses (token ids of a fixed check
+string). A known hash decides, as it does in llama.cpp's converter (byte identity);
+otherwise the structure does, so a fine-tune or re-save with a new vocabulary still
+converts. Anything neither recognises is refused rather than written with a
+pre-tokenizer that would silently tokenize differently.
 
 The ``tokenizers`` library is used directly (not transformers' AutoTokenizer),
 which keeps conversion free of the transformers import.
@@ -21,6 +23,7 @@ from typing import Any
 
 import gguf
 
+from llmops.converters.gguf.pretokenizers import LLAMA_CPP_HASHES, Recognition, Unrecognised, recognise, resolve
 from llmops.core.errors import LLMOpsError
 
 # The check string llama.cpp's converter tokenizes to identify a BPE pre-tokenizer.
@@ -31,21 +34,8 @@ CHECK_TEXT = (
     "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 )
 
-# sha256(str(token ids of CHECK_TEXT)) -> tokenizer.ggml.pre, for the families this converter supports
-# (and their common fine-tunes); values agree with llama.cpp's converter.
-KNOWN_PRE_TOKENIZERS: dict[str, str] = {
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
-    "c136ed14d01c2745d4f60a9596ae66800e2b61fa45643e72436041855ad4089d": "smaug-bpe",  # Llama 3 fine-tunes
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
-    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / 2 / 2.5 / 3
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3 embedding
-    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",  # Mistral Nemo
-    "fcace8b9cac38ce847670c970cd5892031a753a1ef381abd1d9af00f713da085": "phi-2",
-    "ccc2ef013c104be7bae2965776d611e1d7a8a2a9c547dd93a682c9a9fc80352e": "gpt-4o",  # Phi-4
-    "d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406": "llama4",
-}
+# sha256(str(token ids of CHECK_TEXT)) -> tokenizer.ggml.pre, as llama.cpp's converter maps them.
+KNOWN_PRE_TOKENIZERS: dict[str, str] = LLAMA_CPP_HASHES
 
 # llama.cpp token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -62,36 +52,39 @@ def _looks_special(token: str) -> bool:
 
 
 def _structural_pre(tokenizer_json: dict[str, Any]) -> str | None:
-    """Identify simple byte-level pre-tokenizers from tokenizer.json when the hash is unknown."""
-    if tokenizer_json.get("normalizer") not in (None, {}):
-        return None
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-
-    def is_bytelevel(p: dict[str, Any]) -> bool:
-        return p.get("type") == "ByteLevel" and p.get("use_regex", True) and not p.get("add_prefix_space", False)
-
-    if is_bytelevel(pre):
-        return "gpt-2"
-    if pre.get("type") == "Sequence":
-        seq = pre.get("pretokenizers") or []
-        if len(seq) == 2 and seq[0].get("type") == "Digits" and seq[0].get("individual_digits") and is_bytelevel(seq[1]):
-            return "smollm"
-    return None
+    """The pre-tokenizer name tokenizer.json's structure corresponds to, or None."""
+    return recognise(tokenizer_json).name
 
 
-def detect_pre_tokenizer(tok: Any, tokenizer_json: dict[str, Any], where: Path) -> tuple[str, str]:
+def check_hash(tok: Any) -> str:
+    """llama.cpp's converter's identifier of a BPE tokenizer: sha256 of the check string's ids."""
+    return sha256(str(tok.encode(CHECK_TEXT).ids).encode()).hexdigest()
+
+
+def choose_pre_tokenizer(tok: Any, tokenizer_json: dict[str, Any], where: Path,
+                         tokenizer_config: dict[str, Any] | None = None) -> tuple[str, str, str]:
+    """(tokenizer.ggml.pre, check hash, which opinion decided) for a ``tokenizers.Tokenizer``."""
+    chkhsh = check_hash(tok)
+    try:
+        structural = recognise(tokenizer_json, tokenizer_config)
+    except Exception as e:  # noqa: BLE001 - a malformed structure is one more "not recognised"
+        structural = Recognition(None, f"tokenizer.json structure unreadable ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''})")
+    try:
+        pre, source = resolve(structural, KNOWN_PRE_TOKENIZERS.get(chkhsh))
+    except Unrecognised as e:
+        raise LLMOpsError(
+            f"{where}: unrecognised BPE pre-tokenizer: {e} (check hash {chkhsh[:16]}... unknown too); "
+            "llama.cpp would tokenize this model differently, so no GGUF was written"
+        ) from None
+    return pre, chkhsh, source
+
+
+def detect_pre_tokenizer(tok: Any, tokenizer_json: dict[str, Any], where: Path,
+                         tokenizer_config: dict[str, Any] | None = None) -> tuple[str, str]:
     """(tokenizer.ggml.pre, check hash) for a ``tokenizers.Tokenizer``."""
-    ids = tok.encode(CHECK_TEXT).ids
-    chkhsh = sha256(str(ids).encode()).hexdigest()
-    if chkhsh in KNOWN_PRE_TOKENIZERS:
-        return KNOWN_PRE_TOKENIZERS[chkhsh], chkhsh
-    pre = _structural_pre(tokenizer_json)
-    if pre is not None:
-        return pre, chkhsh
-    raise LLMOpsError(
-        f"{where}: unrecognised BPE pre-tokenizer (check hash {chkhsh[:16]}...); llama.cpp would tokenize "
-        "this model differently, so no GGUF was written"
-    )
+    pre, chkhsh, _ = choose_pre_tokenizer(tok, tokenizer_json, where, tokenizer_config)
+    return pre, chkhsh
 
 
 def add_vocab(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], *, prefer_spm: bool = False) -> dict[str, Any]:
@@ -104,14 +97,69 @@ def add_vocab(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], *, pr
         if model_type == "BPE" and not (tokenizer_json.get("model") or {}).get("byte_fallback"):
             return _add_bpe(writer, root, config, tokenizer_json)
     if spm.is_file():
+        from llmops.core.layouts import tokenizer_model_kind
+
+        if tokenizer_model_kind(spm) == "tiktoken":
+            return _add_tiktoken(writer, spm, config)
         return _add_sentencepiece(writer, root, config)
     if tj.is_file():
         raise LLMOpsError(f"{tj}: tokenizer type is not supported for GGUF export (byte-level BPE or SentencePiece)")
     raise LLMOpsError(f"{root}: no tokenizer.json or tokenizer.model; a GGUF needs the tokenizer")
 
 
+def _post_processors(root: Path) -> list[dict[str, Any]]:
+    try:
+        pp = json.loads((root / "tokenizer.json").read_text(encoding="utf-8")).get("post_processor")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(pp, dict):
+        return []
+    procs = pp.get("processors", [pp])
+    return [q for q in procs if isinstance(q, dict)] if isinstance(procs, list) else []
+
+
+def _reference_add_flags(sv: gguf.SpecialVocab, root: Path, n_vocab: int) -> None:
+    """The ``add_*_token`` flags as llama.cpp's converter sets them (its gguf-py's ``SpecialVocab``,
+    newer than the released package in two rules): a ``ByteLevel`` post-processor says no BOS
+    and no EOS unless a later processor says otherwise, and what the post-processors say wins
+    over ``tokenizer_config.json``'s ``add_*_token``, whose flags only fill in the rest. The
+    order of the flags (the order of their GGUF keys) is the order they are first set in."""
+    import tempfile
+
+    procs = _post_processors(root)
+    tc = _tokenizer_config(root) or {}
+    config_flags = {t: tc[f"add_{t}_token"] for t in sv.special_token_types
+                    if isinstance(tc.get(f"add_{t}_token"), bool)}
+    if not procs and not config_flags:
+        return
+    # what the post-processors alone say: the same files without the add_*_token entries
+    from_pp: dict[str, bool] = {}
+    if procs and not config_flags:
+        from_pp = dict(sv.add_special_token)
+    elif procs:
+        with tempfile.TemporaryDirectory(prefix="llmops-special-") as tmp:
+            (Path(tmp) / "tokenizer.json").symlink_to((root / "tokenizer.json").absolute())
+            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
+                {k: v for k, v in tc.items() if not (k.startswith("add_") and k.endswith("_token"))}),
+                encoding="utf-8")
+            from_pp = dict(gguf.SpecialVocab(tmp, load_merges=False, n_vocab=n_vocab).add_special_token)
+    kinds = [q.get("type") for q in procs]
+    flags: dict[str, bool] = {}
+    others = [i for i, k in enumerate(kinds) if k in ("TemplateProcessing", "RobertaProcessing")]
+    if "ByteLevel" in kinds and (not others or kinds.index("ByteLevel") < others[0]):
+        flags = {"bos": False, "eos": False}
+    flags.update(from_pp)
+    if "ByteLevel" in kinds:
+        flags.setdefault("bos", False)
+        flags.setdefault("eos", False)
+    for t, v in config_flags.items():
+        flags.setdefault(t, v)
+    sv.add_special_token = flags
+
+
 def _special(writer: gguf.GGUFWriter, root: Path, n_vocab: int, tok: Any | None, load_merges: bool) -> dict[str, Any]:
     sv = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
+    _reference_add_flags(sv, root, n_vocab)
     # llama.cpp has per-model defaults for add_bos; write what the HF tokenizer actually does.
     if tok is not None:
         probe = tok.encode("a", add_special_tokens=True).ids
@@ -128,17 +176,30 @@ def _special(writer: gguf.GGUFWriter, root: Path, n_vocab: int, tok: Any | None,
     }
 
 
-def _add_bpe(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], tokenizer_json: dict[str, Any]) -> dict[str, Any]:
+def _tokenizer_config(root: Path) -> dict[str, Any] | None:
+    """tokenizer_config.json, for its decoder flags (clean_up_tokenization_spaces); None if absent or unreadable."""
+    try:
+        cfg = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _add_bpe(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], tokenizer_json: dict[str, Any],
+             where: Path | None = None) -> dict[str, Any]:
+    """``where``: the file to name in errors (default ``root/tokenizer.json``)."""
     from tokenizers import Tokenizer
+
+    where = where or root / "tokenizer.json"
 
     tok = Tokenizer.from_file(str(root / "tokenizer.json"))
     vocab = tok.get_vocab(with_added_tokens=True)
     n_vocab = int(config.get("vocab_size") or len(vocab))
     if vocab and max(vocab.values()) >= n_vocab:
         raise LLMOpsError(
-            f"{root}: tokenizer has token id {max(vocab.values())} but config vocab_size is {n_vocab}"
+            f"{where}: tokenizer has token id {max(vocab.values())} but config vocab_size is {n_vocab}"
         )
-    pre, _ = detect_pre_tokenizer(tok, tokenizer_json, root / "tokenizer.json")
+    pre, _, pre_source = choose_pre_tokenizer(tok, tokenizer_json, where, _tokenizer_config(root))
     reverse = {i: t for t, i in vocab.items()}
     added = tok.get_added_tokens_decoder()
     tokens: list[str] = []
@@ -167,7 +228,21 @@ def _add_bpe(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], tokeni
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     info = _special(writer, root, n_vocab, tok, load_merges=True)
-    return {"model": "gpt2", "pre": pre, "n_vocab": n_vocab, **info}
+    return {"model": "gpt2", "pre": pre, "pre_source": pre_source, "n_vocab": n_vocab, **info}
+
+
+def _add_tiktoken(writer: gguf.GGUFWriter, model: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Llama 3's tiktoken ``tokenizer.model``: the Hugging Face files transformers would make of it
+    (``tiktoken_vocab``), written to a temporary folder and exported like any byte-level BPE."""
+    import tempfile
+
+    from llmops.core.tiktoken_vocab import write_hf_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="llmops-tiktoken-") as tmp:
+        write_hf_tokenizer(model, Path(tmp), config)
+        tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
+        info = _add_bpe(writer, Path(tmp), config, tokenizer_json, where=model)
+    return {**info, "source": "tiktoken"}
 
 
 def _add_sentencepiece(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.progress import as_reporter
 
 DEFAULT_SAMPLES = 32
 DEFAULT_TOKENS = 256
@@ -81,31 +82,35 @@ def calibration_text(options: dict[str, Any], progress: Callable[[str], None]) -
 
 
 def build_calibration(tokenizer: Any, options: dict[str, Any], progress: Callable[[str], None]) -> Calibration:
-    """Tokenize just enough of the calibration text for ``samples`` windows of ``tokens`` tokens."""
+    """Tokenize just enough of the calibration text for ``samples`` windows of ``tokens`` tokens
+    (a progress phase counting the samples cut so far)."""
     from llmops.core.hashing import sha256_file
 
+    rep = as_reporter(progress)
     samples = _positive_int(options, "calibration_samples", DEFAULT_SAMPLES)
     per = _positive_int(options, "calibration_tokens", DEFAULT_TOKENS, MIN_TOKENS)
-    text, offset, path, source = calibration_text(options, progress)
+    text, offset, path, source = calibration_text(options, rep)
     if not text.strip():
         raise LLMOpsError(f"calibration text from {path} is empty")
     want = samples * per
     n_chars = min(len(text), want * _CHARS_PER_TOKEN)
-    while True:
-        enc = tokenizer(text[:n_chars], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        # The last token of a cut text may be a fragment of a longer one: never use it
-        # unless the whole text was tokenized.
-        usable = len(ids) if n_chars >= len(text) else max(0, len(ids) - 1)
-        if usable >= want or n_chars >= len(text):
-            break
-        n_chars = min(len(text), n_chars * 2)
+    with rep.phase("calibration", total=samples, unit="sample") as bar:
+        while True:
+            enc = tokenizer(text[:n_chars], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
+            # The last token of a cut text may be a fragment of a longer one: never use it
+            # unless the whole text was tokenized.
+            usable = len(ids) if n_chars >= len(text) else max(0, len(ids) - 1)
+            bar.advance(min(samples, usable // per) - bar.done)
+            if usable >= want or n_chars >= len(text):
+                break
+            n_chars = min(len(text), n_chars * 2)
     n = min(samples, usable // per)
     if n == 0:
         raise LLMOpsError(f"calibration text from {path} has only {usable} tokens; one sample needs {per} "
                           "(use a longer text or fewer calibration tokens)")
     if n < samples:
-        progress(f"calibration text from {path} holds {usable} tokens: using {n} samples of {per} "
+        rep.warn(f"calibration text from {path} holds {usable} tokens: using {n} samples of {per} "
                  f"instead of {samples}")
     used = [ids[i * per:(i + 1) * per] for i in range(n)]
     char_end = offset + int(offsets[n * per - 1][1])

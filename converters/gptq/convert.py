@@ -36,15 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, finish
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, finish, tensor_lines
 from llmops.core.atomic import Staged, staged_folder
 from llmops.core.toolversions import tool_versions
 from llmops.core.checkpoint import Checkpoint
-from llmops.core.tensorfiles import stored_tensor_bytes
+from llmops.core.tensorfiles import read_safetensors_header
 from llmops.converters.gptq.calibration import Calibration, build_calibration
 from llmops.converters.gptq.layout import TOKENIZER_FILES, check_output, finish_folder, quantized_tensor_stats
 from llmops.converters.gptq.plan import LayerPlan, choose_group_size, plan_layers
 from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.progress import as_reporter
 
 Progress = Callable[[str], None]
 
@@ -69,6 +70,7 @@ class GPTQResult:
     stored_bytes: int = 0  # every tensor in the output, quantized or not
     parameter_count: int = 0  # of the source checkpoint
     staged: Staged | None = None  # the output, written but not yet renamed into place
+    tensors: list[dict[str, Any]] = field(default_factory=list)  # name, shape, safetensors dtype, bytes
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -152,8 +154,10 @@ def convert_to_gptq(
     progress: Progress | None = None,
     commit: bool = True,
 ) -> GPTQResult:
-    """Quantize ``ckpt`` to GPTQ ``bits`` and write it atomically; see the module docstring."""
-    say = progress or (lambda _m: None)
+    """Quantize ``ckpt`` to GPTQ ``bits`` and write it atomically; see the module docstring.
+    ``progress``: a plain callable or a reporter (``llmops.core.progress``); the calibration
+    samples and the layers quantized (in the worker) are its phases."""
+    say = as_reporter(progress)
     if bits not in (4, 8):
         raise UsageError(f"GPTQ bits must be 4 or 8, got {bits}")
     method = str(options.get("method") or "gptq").lower()
@@ -214,13 +218,18 @@ def convert_to_gptq(
         finish_folder(tmp, ckpt)
         check_output(tmp, bits, group)
         q_bytes, q_params, q_modules = quantized_tensor_stats(tmp, bits)
-        stored_bytes = stored_tensor_bytes(sorted(tmp.glob("*.safetensors")))
+        tensors = [{"name": t.name, "shape": list(t.shape), "type": t.dtype, "bytes": t.nbytes}
+                   for f in sorted(tmp.glob("*.safetensors")) for t in read_safetensors_header(f)]
+        stored_bytes = sum(t["bytes"] for t in tensors)
         expected = plan.n_layers * len(plan.widths)
         if q_modules != expected:
             raise LLMOpsError(f"GPTQModel quantized {q_modules} modules, expected {expected} "
                               f"({plan.n_layers} layers x {len(plan.widths)})")
+        for line in tensor_lines(tensors):
+            say.detail(line)
     say(f"wrote {dest} in {time.perf_counter() - t0:.1f}s")
     result = GPTQResult(path=tmp, staged=staged, stored_bytes=stored_bytes, parameter_count=ckpt.parameter_count(),
+                      tensors=tensors,
                       bits=bits, group_size=group,
                       requested_group_size=128 if requested is None else int(requested), act_order=act_order,
                       sym=sym, damp=damp_used, method=method, plan=plan, calibration=calib,
@@ -293,6 +302,7 @@ class GPTQConverter(ConverterOptions):
                 "quantized_bits_per_weight": res.quantized_bits_per_weight,
             },
             tool_versions=versions,
+            tensors=res.tensors,
             staged=res.staged,
         )
 

@@ -6,8 +6,9 @@ An exception in any of GPTQModel's worker threads ends the interpreter with
 interpreter (``worker.py``, through the core's child protocol); this module holds what
 that child needs while GPTQModel runs: its logs kept in a scratch folder, no progress
 bars, and the per-layer progress taken from the hook GPTQModel itself uses to print its
-table (``LoopProcessor.log_new_row``). The quiet import is the core's
-(``llmops.core.gptqmodel_env``), since the GPTQ runner needs it too.
+table (``LoopProcessor.log_new_row``), reported as one phase whose bar the parent draws.
+The quiet import is the core's (``llmops.core.gptqmodel_env``), since the GPTQ runner needs
+it too.
 """
 
 from __future__ import annotations
@@ -20,25 +21,40 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from llmops.core.progress import Phase, as_reporter
+
 Progress = Callable[[str], None]
 
 
 class LayerProgress:
-    """Turns GPTQModel's per-module result rows into one line per decoder layer.
+    """Turns GPTQModel's per-module result rows into one step per decoder layer: a phase
+    (:meth:`phase`) advanced once per layer, with that layer's line as its note.
 
     GPTQModel calls the row hook on its worker threads, and a worker whose task raises
     ends the whole interpreter (``os._exit(1)`` in ``threadx``), so :meth:`row` never
-    raises: it only formats a line and hands it to ``emit``, which must not raise either
+    raises: it only formats a line and hands it on, to a reporter that must not raise either
     (the quantization worker process writes it to the pipe its parent reads).
     """
 
     def __init__(self, emit: Progress, n_layers: int, modules_per_layer: int) -> None:
-        self.emit = emit
+        self.reporter = as_reporter(emit)
         self.n_layers = n_layers
         self.per_layer = max(1, modules_per_layer)
         self._rows: dict[int, list[tuple[str, float | None, float]]] = {}
         self._started = time.perf_counter()
         self._lock = threading.Lock()
+        self._bar: Phase | None = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str = "GPTQ") -> Iterator[Phase]:
+        """While GPTQModel quantizes: the layers as one phase."""
+        self._started = time.perf_counter()
+        with self.reporter.phase(name, total=self.n_layers, unit="layer") as bar:
+            self._bar = bar
+            try:
+                yield bar
+            finally:
+                self._bar = None
 
     def row(self, stat: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
@@ -65,7 +81,11 @@ class LayerProgress:
             mean = sum(x for x, _ in losses) / len(losses)
             text += f", loss mean {mean:.3g} max {worst[0]:.3g} ({worst[1]})"
         text += f", {time.perf_counter() - self._started:.1f} s elapsed"
-        self.emit(text)
+        bar = self._bar
+        if bar is not None:
+            bar.advance(note=text)
+        else:
+            self.reporter.detail(text)
 
 
 def _float(v: Any) -> float | None:

@@ -17,6 +17,7 @@ from typing import Any
 
 
 def run(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
+    """``say`` is the child's reporter: the layers quantized are a phase the parent shows."""
     from llmops.converters.gptq.runtime import LayerProgress, contained_run
     from llmops.core.gptqmodel_env import import_gptqmodel
 
@@ -50,12 +51,13 @@ def run(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     with contained_run(scratch, hook):
         say("loading the source model")
         model = GPTQModel.load(job["source"], qc, **load_kwargs)
-        if job["method"] == "rtn":
-            model.quantize(None)
-        else:
-            samples = json.loads(Path(job["calibration"]).read_text())
-            data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in samples]
-            model.quantize(data, batch_size=int(job.get("batch_size") or 1), calibration_sort=None)
+        with hook.phase("GPTQ" if job["method"] != "rtn" else "RTN"):
+            if job["method"] == "rtn":
+                model.quantize(None)
+            else:
+                samples = json.loads(Path(job["calibration"]).read_text())
+                data = [{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in samples]
+                model.quantize(data, batch_size=int(job.get("batch_size") or 1), calibration_sort=None)
         say("saving")
         model.save(job["output"])
     used = getattr(model.quantize_config, "damp_percent", None)

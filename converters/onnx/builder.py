@@ -10,10 +10,12 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError
+from llmops.core.progress import Phase, Reporter, as_reporter
 from llmops.core.quiet import root_logging_kept
 from llmops.core.settings import env_var
 
@@ -37,10 +39,13 @@ def builder_input(ckpt: Checkpoint, work: Path, say: Progress) -> Path:
 
 
 class _ProgressLines(io.TextIOBase):
-    """A text stream that hands each complete line to ``say`` (the builder prints to stdout)."""
+    """A text stream that hands each complete line the builder prints (to stdout) to a reporter:
+    "Reading layer N" advances the export phase ``bar``, a warning is a warning, the rest
+    ("Reading embedding layer", "Saving ONNX model in ...") are details, shown with -v."""
 
-    def __init__(self, say: Progress, prefix: str = "onnx builder: ") -> None:
+    def __init__(self, say: Reporter, bar: Phase | None = None, prefix: str = "onnx builder: ") -> None:
         self.say = say
+        self.bar = bar
         self.prefix = prefix
         self.buf = ""
         self.error: BaseException | None = None  # what ``say`` raised, re-raised as it is
@@ -57,8 +62,14 @@ class _ProgressLines(io.TextIOBase):
         return len(s)
 
     def _say(self, msg: str) -> None:
+        line = msg[len(self.prefix):]
         try:
-            self.say(msg)
+            if line.startswith("Reading layer ") and self.bar is not None:
+                self.bar.advance(note=msg)
+            elif line.lower().startswith("warning"):
+                self.say.warn(msg)
+            else:
+                self.say.detail(msg)
         except BaseException as e:
             self.error = e
             raise
@@ -135,24 +146,33 @@ def _no_git(work: Path) -> Iterator[None]:
 
 
 def run_builder(input_path: Path, out_dir: Path, cache_dir: Path, precision: str, provider: str,
-                options: dict[str, str], threads: int | None, say: Progress) -> None:
-    """``python -m onnxruntime_genai.models.builder -i IN -o OUT -p P -e EP -c CACHE --extra_options ...``,
-    as a library call."""
+                options: dict[str, str], threads: int | None, say: Progress, *, layers: int | None = None,
+                target_options: dict[str, Any] | None = None) -> None:
+    """``python -m onnxruntime_genai.models.builder -i IN -o OUT -p P -e EP -c CACHE --extra_options ...``
+    (and ``--target_options JSON`` when given: the builder's structured configuration, which per-node
+    quantization overrides need), as a library call: the progress phase "onnx export", one step per
+    decoder layer (``layers``) read."""
     # hf_remote=false, always and explicitly (whatever the builder's default in a release):
     # trust_remote_code=True would make transformers import and run any Python that a
     # config.json's ``auto_map`` points at.
     extra = [f"{k}={v}" for k, v in options.items()] + ["hf_remote=false"]
-    stream = _ProgressLines(say)
+    rep = as_reporter(say)
+    bar = rep.phase("onnx export", total=layers, unit="layer")
+    stream = _ProgressLines(rep, bar)
     try:
-        with _quiet_logging() as restore_logging, contextlib.redirect_stdout(stream), _torch_threads(threads):
+        with bar, _quiet_logging() as restore_logging, contextlib.redirect_stdout(stream), _torch_threads(threads):
             try:
                 from onnxruntime_genai.models import builder as mb
             except ImportError as e:
                 raise LLMOpsError(f"onnxruntime-genai's model builder cannot be imported ({e})") from None
             restore_logging()
             with _no_progress_bars(), _no_git(cache_dir):
+                structured = {"target_options": target_options} if target_options else {}
                 kwargs = mb.parse_extra_options(None, str(input_path), str(out_dir), precision, provider,
-                                                str(cache_dir), extra)
+                                                str(cache_dir), extra, **structured)
+                from llmops.converters.onnx.checks import adapt_config_for_builder
+
+                adapt_config_for_builder(kwargs["hf_details"]["hf_config"])
                 mb.create_model(None, str(input_path), str(out_dir), precision, provider, str(cache_dir), **kwargs)
             stream.flush()
     except (LLMOpsError, KeyboardInterrupt, MemoryError):
@@ -180,20 +200,36 @@ def copy_chat_template(src_root: Path, out: Path) -> None:
             return
 
 
-def inspect_model(folder: Path) -> tuple[int, dict[str, int], dict[str, int]]:
-    """(initializer bytes, opsets, op type counts) of the folder's model.onnx, without loading weights."""
+def inspect_model(folder: Path) -> tuple[int, dict[str, int], dict[str, int], list[dict[str, Any]]]:
+    """(initializer bytes, opsets, op type counts, the initializers' table: name, shape, type,
+    bytes) of the folder's model.onnx, without loading weights; a graph whose nodes read a tensor
+    nothing provides is an error."""
     import onnx
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     nbytes = 0
+    table = []
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             ext = {e.key: e.value for e in t.external_data}
-            nbytes += int(ext.get("length", 0))
+            size = int(ext.get("length", 0))
         else:
-            nbytes += len(t.raw_data) or t.ByteSize()
+            size = len(t.raw_data) or t.ByteSize()
+        nbytes += size
+        table.append({"name": t.name, "shape": [int(d) for d in t.dims],
+                      "type": onnx.TensorProto.DataType.Name(t.data_type), "bytes": size})
+    provided = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    for n in model.graph.node:
+        provided.update(n.output)
+    for n in model.graph.node:
+        missing = [i for i in n.input if i and i not in provided]
+        if missing:
+            # the builder writes such a graph without failing (e.g. a tied embedding reading LM-head
+            # blocks under names its quantizer did not give them); onnxruntime would refuse to load it
+            raise LLMOpsError(f"the ONNX model builder wrote an invalid graph: node {n.name} reads {missing[0]}, "
+                              "which no initializer, input or node provides")
     opset = {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
     ops: dict[str, int] = {}
     for n in model.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return nbytes, opset, ops
+    return nbytes, opset, ops, table

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmops.converters.architectures import class_name_of
-from llmops.converters.onnx.targets import BLOCK_SIZES, DEFAULT_BLOCK_SIZE
+from llmops.converters.onnx.targets import BLOCK_SIZES, DEFAULT_BLOCK_SIZE, LAYER_PROJECTIONS, Int4Recipe, recipe
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError, UsageError
 
@@ -63,6 +63,34 @@ def architecture_of(ckpt: Checkpoint) -> str:
     return name
 
 
+def adapt_config_for_builder(config: Any) -> None:
+    """Give a transformers 5 config object (``AutoConfig``) the fields the model builder of
+    onnxruntime-genai 0.18 reads, in place; to be applied to the builder's ``hf_config`` between
+    ``parse_extra_options`` and ``create_model``.
+
+    transformers 5 keeps RoPE settings in ``rope_parameters`` only: per layer type for Gemma 3
+    (``{"full_attention": {...}, "sliding_attention": {...}}``) and with ``rope_type`` but no
+    ``type``. The builder indexes ``rope_parameters["rope_type"]`` (a KeyError on the per-layer
+    form), reads Gemma 3's local base from ``rope_local_base_freq`` and the LongRoPE kind from
+    ``rope_parameters["type"]``; transformers 4 configs carried all three.
+    """
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict):
+        return
+    if "full_attention" in rp or "sliding_attention" in rp:
+        full = dict(rp.get("full_attention") or {})
+        local = rp.get("sliding_attention") or {}
+        if local.get("rope_theta") is not None and getattr(config, "rope_local_base_freq", None) is None:
+            config.rope_local_base_freq = local["rope_theta"]
+        if full.get("rope_theta") is not None:
+            config.rope_theta = full["rope_theta"]
+        full.setdefault("rope_type", "default")
+        config.rope_parameters = full
+        rp = full
+    if "rope_type" in rp and "type" not in rp:
+        rp["type"] = rp["rope_type"]
+
+
 def builder_options(precision: str, device: str, options: dict[str, Any],
                     config: dict[str, Any] | None = None) -> dict[str, str]:
     """The builder's ``--extra_options`` for this target, validated here so that errors are ours."""
@@ -106,6 +134,73 @@ def builder_options(precision: str, device: str, options: dict[str, Any],
         # runtimes, at the price of more KV memory for long contexts in onnxruntime-genai.
         out["windowed_kv_cache"] = "false"
     return out
+
+
+def _ties_embeddings(config: dict[str, Any]) -> bool:
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def int4_recipe(precision: str, options: dict[str, Any]) -> Int4Recipe | None:
+    """The int4 recipe of this target (``options["recipe"]``, else the default); None for the
+    other precisions, where a recipe is refused."""
+    name = options.get("recipe")
+    if precision != "int4":
+        if name is not None:
+            raise UsageError(f"a recipe ({name}) applies to onnx-int4 only")
+        return None
+    return recipe(name)
+
+
+def recipe_target_options(rec: Int4Recipe | None, extra: dict[str, str], config: dict[str, Any],
+                          layers: int | None) -> dict[str, Any] | None:
+    """The builder's structured ``target_options`` for a recipe that keeps matrices at 8 bits
+    (None for one that does not: the builder then runs exactly as its command line without them).
+
+    Every 8-bit matrix is an override by the exact node name the builder gives it; the LM head is
+    its ``last_matmul`` preset. A tied embedding is then read from the LM head's 8-bit blocks by
+    GatherBlockQuantized (bits=8): the builder only shares them when ``Gather`` is among the
+    quantized op types, which its flat options add for tied models but its structured ones do not.
+    """
+    if rec is None or not rec.int8:
+        return None
+    _check_k_quant_blocks(rec, extra, config)
+    overrides: list[dict[str, Any]] = []
+    if "lm_head" in rec.int8:
+        overrides.append({"match": {"preset": "last_matmul"}, "type": "int8"})
+    per_layer = [LAYER_PROJECTIONS[p] for p in rec.int8 if p != "lm_head"]
+    if per_layer and not layers:
+        raise LLMOpsError("config.json does not give num_hidden_layers, which the int4 recipe needs")
+    for i in range(layers or 0):
+        for p in per_layer:
+            overrides.append({"match": {"name": f"/model/layers.{i}/{p}/MatMul"}, "type": "int8"})
+    weights: dict[str, Any] = {"overrides": overrides}
+    if rec.method != "default" and "algo_config" not in extra:
+        weights["method"] = rec.method
+    if _ties_embeddings(config) and extra.get("shared_embeddings", "true") != "false":
+        op_types = extra.get("op_types_to_quantize", "MatMul").split("/")
+        weights["op_types"] = [*op_types, *(["Gather"] if "Gather" not in op_types else [])]
+    return {"quant_config": {"weights": weights}}
+
+
+def _check_k_quant_blocks(rec: Int4Recipe, extra: dict[str, str], config: dict[str, Any]) -> None:
+    """k_quant stores 4-bit zero points two to a byte per row and fails (after the whole export)
+    on a 4-bit matrix whose row has an odd number of blocks, e.g. SmolLM2's 576 columns in blocks
+    of 64; refused here instead."""
+    if extra.get("algo_config", rec.method) not in ("k_quant", "k_quant_last", "k_quant_mixed", "k_quant_linear"):
+        return
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    bs = int(extra.get("block_size", DEFAULT_BLOCK_SIZE))
+    widths = {"hidden_size": cfg.get("hidden_size")} if "lm_head" not in rec.int8 else {}
+    four_bit = [p for p in LAYER_PROJECTIONS if p not in rec.int8]
+    if any(p != "down_proj" for p in four_bit):
+        widths["hidden_size"] = cfg.get("hidden_size")
+    if "down_proj" in four_bit:
+        widths["intermediate_size"] = cfg.get("intermediate_size")
+    for key, k in widths.items():
+        if isinstance(k, int) and (-(-k // bs)) % 2:
+            raise UsageError(f"the {rec.name} recipe's k_quant 4-bit blocks need an even number of blocks per "
+                             f"row: {key} {k} makes {-(-k // bs)} blocks of {bs}; choose another --block-size")
 
 
 def check_finite(ckpt: Checkpoint, say: Progress) -> None:

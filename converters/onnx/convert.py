@@ -23,7 +23,9 @@ int8 and int4 are the builder's own weight-only quantization (MatMulNBits with 8
 bits, blockwise symmetric round-to-nearest, block size ``block_size``), not
 onnxruntime.quantization's dynamic int8 quantizer: onnxruntime-genai 0.18 offers int8
 on CPU and CUDA, and MatMulNBits keeps the same graph (and the same genai runtime path)
-as int4.
+as int4. ``onnx-int4`` follows a recipe (``onnx-int4:RECIPE``, ``targets.RECIPES``) that
+keeps the matrices 4 bits hurt most at 8 bits; ``onnx-int4:rtn`` is the builder's plain
+default, byte for byte.
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, finish
+from llmops.converters.base import ArtifactRecord, ConverterOptions, TargetSpec, bits_per_weight, finish, tensor_lines
 from llmops.converters.naming import model_metadata, output_stem
 from llmops.converters.onnx.builder import builder_input, copy_chat_template, inspect_model, run_builder
-from llmops.converters.onnx.checks import PROVIDERS, architecture_of, builder_options, check_finite
+from llmops.converters.onnx.checks import (PROVIDERS, architecture_of, builder_options, check_finite, int4_recipe,
+                                           recipe_target_options)
 from llmops.converters.onnx.targets import TARGETS
 from llmops.core.atomic import Staged, staged_folder
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.progress import as_reporter
 from llmops.core.toolversions import tool_versions
 
 Progress = Callable[[str], None]
@@ -62,9 +66,12 @@ class OnnxResult:
     op_types: dict[str, int]
     builder_options: dict[str, str]
     name: str
+    recipe: dict[str, Any] | None  # the int4 recipe (targets.Int4Recipe.parameters), None for other precisions
+    target_options: dict[str, Any] | None  # the builder's structured options the recipe asked for
     size_label: str | None
     files: list[str] = field(default_factory=list)
     genai: dict[str, Any] = field(default_factory=dict)
+    tensors: list[dict[str, Any]] = field(default_factory=list)  # the initializers: name, shape, ONNX type, bytes
     staged: Staged | None = None  # the output, written but not yet renamed into place
 
 
@@ -102,6 +109,13 @@ def resolve_output(ckpt: Checkpoint, target: str, output: str | os.PathLike[str]
     return dest
 
 
+def _layer_count(ckpt: Checkpoint) -> int | None:
+    """The decoder layers the builder reads, for its progress phase (None when the config does not say)."""
+    cfg = ckpt.config.get("text_config") if isinstance(ckpt.config.get("text_config"), dict) else ckpt.config
+    n = cfg.get("num_hidden_layers")
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def convert_to_onnx(
     ckpt: Checkpoint,
     precision: str,
@@ -115,13 +129,17 @@ def convert_to_onnx(
     progress: Progress | None = None,
     commit: bool = True,
 ) -> OnnxResult:
-    """Write ``ckpt`` as an ONNX decoder folder at ``precision`` (fp32, fp16, int8, int4) for ``device``."""
-    say = progress or (lambda _m: None)
+    """Write ``ckpt`` as an ONNX decoder folder at ``precision`` (fp32, fp16, int8, int4) for ``device``.
+    ``progress``: a plain callable or a reporter (``llmops.core.progress``); the builder's reading of
+    the layers is its phase."""
+    say = as_reporter(progress)
     if precision not in PROVIDERS:
         raise UsageError(f"unknown ONNX precision {precision!r}; choose from {', '.join(PROVIDERS)}")
     target = target or next(k for k, v in TARGETS.items() if v == precision)
     arch = architecture_of(ckpt)
     extra = builder_options(precision, device, options or {}, ckpt.config)
+    rec = int4_recipe(precision, options or {})
+    structured = recipe_target_options(rec, extra, ckpt.config, _layer_count(ckpt))
     if not allow_nonfinite:
         check_finite(ckpt, say)
     name, _, _, _, size_label = model_name(ckpt)
@@ -134,11 +152,16 @@ def convert_to_onnx(
         cache = work / "cache"
         cache.mkdir()
         src = builder_input(ckpt, work, say)
-        run_builder(src, out, cache, precision, device, extra, threads, say)
+        if rec is not None:
+            say(f"int4 recipe {rec.name}: {rec.summary}")
+        run_builder(src, out, cache, precision, device, extra, threads, say, layers=_layer_count(ckpt),
+                    target_options=structured)
         if not (out / "model.onnx").is_file() or not (out / "genai_config.json").is_file():
             raise LLMOpsError("the ONNX model builder finished without writing model.onnx and genai_config.json")
         copy_chat_template(ckpt.root, out)
-        weight_bytes, opset, ops = inspect_model(out)
+        weight_bytes, opset, ops, tensors = inspect_model(out)
+        for line in tensor_lines(tensors):
+            say.detail(line)
         genai = json.loads((out / "genai_config.json").read_text(encoding="utf-8"))
         files = sorted(p.name for p in out.iterdir())
         for scratch in (cache, work / "source"):  # only the output waits for its commit
@@ -148,11 +171,18 @@ def convert_to_onnx(
     result = OnnxResult(
         path=out, staged=staged, precision=precision, execution_provider=device, architecture=arch,
         parameter_count=ckpt.parameter_count(), weight_bytes=weight_bytes, opset=opset, op_types=ops,
-        builder_options=extra, name=name, size_label=size_label, files=files,
+        builder_options=extra, name=name, size_label=size_label, files=files, tensors=tensors,
+        recipe=rec.parameters() if rec is not None else None, target_options=structured,
         genai={"type": model.get("type"), "context_length": model.get("context_length"),
                "vocab_size": model.get("vocab_size")},
     )
     return finish(result, commit)
+
+
+def _int8_bytes(tensors: list[dict[str, Any]]) -> int:
+    """Bytes of the 8-bit MatMulNBits weights (the builder names them ``*_Q8G<block>`` or ``*_Q8``),
+    so a mixed recipe's share of 8-bit blocks is visible beside its bits per weight."""
+    return sum(t["bytes"] for t in tensors if "_Q8" in t["name"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +230,12 @@ class OnnxConverter(ConverterOptions):
                 "block_size": int(res.builder_options["block_size"]) if "block_size" in res.builder_options else None,
                 "builder": "onnxruntime_genai.models.builder",
                 "builder_options": res.builder_options,
+                # flat, so that the registry's parameters (which drop mappings) tell recipes apart
+                "recipe": res.recipe["name"] if res.recipe else None,
+                "recipe_method": res.recipe["method"] if res.recipe else None,
+                "recipe_int8": ",".join(res.recipe["int8"]) if res.recipe and res.recipe["int8"] else None,
+                "builder_target_options": res.target_options,
+                "int8_bytes": _int8_bytes(res.tensors),
                 "weight_bytes": res.weight_bytes,
                 "files": res.files,
                 "genai": res.genai,
@@ -207,5 +243,6 @@ class OnnxConverter(ConverterOptions):
                 "threads": self.threads,
             },
             tool_versions=tool_versions("onnxruntime", "onnxruntime_genai", "onnx", "onnx_ir"),
+            tensors=res.tensors,
             staged=res.staged,
         )

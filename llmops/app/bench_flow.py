@@ -9,11 +9,12 @@ from typing import Any
 from llmops.app.output import log
 from llmops.app.recording import record_bench
 from llmops.core.errors import UsageError
+from llmops.core.progress import Reporter, as_reporter, reporting
 from llmops.core.settings import env_var
 from llmops.registry.versions import run_of
 
 
-def _eval_text(state, eval_text: str | None, dataset: str | None):  # noqa: ANN001, ANN202
+def _eval_text(state, eval_text: str | None, dataset: str | None, say: Reporter):  # noqa: ANN001, ANN202
     from llmops.core.evaltext import load_eval_text
 
     if dataset:
@@ -24,13 +25,15 @@ def _eval_text(state, eval_text: str | None, dataset: str | None):  # noqa: ANN0
         with datasets.local_copy(store, dataset) as p:
             ev = load_eval_text(p)
         return ev, info
-    return load_eval_text(eval_text, progress=log), None
+    return load_eval_text(eval_text, progress=say), None
 
 
 def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | None, metrics: str,  # noqa: ANN001
               eval_text: str | None, dataset: str | None, ctx: int, chunks: int | None, baseline: str | None,
               record: bool, runs: int, decode_tokens: int, prompt_tokens: int,
-              max_memory_mb: int | None = None) -> dict[str, Any]:
+              max_memory_mb: int | None = None, progress: Reporter | None = None) -> dict[str, Any]:
+    """Benchmark each artifact; ``progress`` is the CLI's reporter (default: every message on
+    stderr), which the runner children's phases (windows scored, timed runs) reach too."""
     import os
     import time
 
@@ -41,6 +44,7 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
     from llmops.core.settings import cache_dir
     from llmops.registry.refs import is_ref
 
+    say = as_reporter(progress if progress is not None else log)
     wanted = {m.strip() for m in metrics.split(",") if m.strip()}
     if not wanted or wanted - set(METRICS):
         raise UsageError(f"--metrics takes a comma-separated subset of {','.join(METRICS)}")
@@ -51,9 +55,10 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
             raise UsageError(f"{a}: no such file or folder")
     needs_store = record or any(is_ref(a) for a in artifacts) or (baseline and is_ref(baseline)) or dataset
     store = state.store() if needs_store else None
-    ev, dataset_info = _eval_text(state, eval_text, dataset) if wanted & {"latency", "accuracy"} else (None, None)
+    ev, dataset_info = _eval_text(state, eval_text, dataset, say) if wanted & {"latency", "accuracy"} else (None, None)
     rows = []
     with ExitStack() as stack:
+        stack.enter_context(reporting(say))  # the runner children bench_artifact starts relay to it
         if max_memory_mb:
             stack.enter_context(env_var(MAX_MEMORY_ENV, str(max_memory_mb)))  # read by every runner child
         from llmops.registry.artifacts import materialize
@@ -74,7 +79,7 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
         for a in artifacts:
             path = local(a)
             t0 = time.time()
-            res = bench_artifact(path, opts, progress=log)
+            res = bench_artifact(path, opts, progress=say)
             row = {"artifact": a, **res["details"], **res["metrics"]}
             if record and store is not None:
                 row.update(record_bench(store, path=path, ref=a if is_ref(a) else None, res=res, ev=ev,
@@ -82,6 +87,15 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
                                          baseline_sha256=base_sha))
             rows.append(row)
     return {"eval_text": {"sha256": ev.sha256, "source": ev.source} if ev else None, "baseline": baseline, "rows": rows}
+
+
+def _aliases(store, ref: str) -> list[str]:  # noqa: ANN001 - Store
+    """The aliases the version a ``models:/`` reference names holds (the plot marks them)."""
+    if not ref.startswith("models:/"):
+        return []
+    from llmops.registry.versions import resolve_model_version
+
+    return sorted(resolve_model_version(store, ref).aliases or [])
 
 
 def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> dict[str, Any]:  # noqa: ANN001
@@ -98,7 +112,7 @@ def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bo
         m = dict(rs.metrics)
         m.setdefault("file_mb", art.size_bytes / (1024 * 1024))
         row = {"ref": ref, "label": ref.split(":/", 1)[-1], "format": art.format, "quant": art.quant,
-               "hardware": rs.hardware_fingerprint, **m}
+               "hardware": rs.hardware_fingerprint, **m, "aliases": _aliases(store, ref)}
         if left_out:
             row["left_out"] = left_out
         rows.append(row)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.converters.base import ArtifactRecord, TargetSpec
+from llmops.core.progress import as_reporter
 
 VERIFY_CHUNKS = 4
 
@@ -34,10 +35,11 @@ def convert(
     """Convert a checkpoint to ``target`` (see ``llmops.converters.api.convert``) and, with
     ``verify``, compare it with the source on ``eval_text`` (default: wikitext-2 via
     ``llmops.core.evaltext``), 4 chunks of 512 tokens, by the same evaluation ``llmops bench``
-    uses: KL-divergence, top-1 agreement and both perplexities."""
+    uses: KL-divergence, top-1 agreement and both perplexities. ``progress``: a plain callable or
+    a reporter (``llmops.core.progress``): conversion and verification are its phases."""
     from llmops.converters import api
 
-    say = progress or (lambda _m: None)
+    say = as_reporter(progress)
     if verify and eval_text is None:
         from llmops.core.evaltext import load_eval_text
 
@@ -63,7 +65,7 @@ def verify_record(record: ArtifactRecord, source: str | Path, eval_text: str, *,
     from llmops.benchmarks.accuracy import evaluate
 
     res = evaluate(record.output, eval_text, source=source, chunks=VERIFY_CHUNKS,
-                   threads=threads or os.cpu_count(), device=device, progress=progress)
+                   threads=threads or os.cpu_count(), device=device, progress=progress, phase="verify")
     record.verification = {k: res[k] for k in ("kld", "top1_agreement", "ppl_source", "ppl_output")}
     record.parameters["verification"] = {"chunks": res["chunks"], "n_ctx": res["n_ctx"],
                                          "tokens": res["tokens"], "kld_p99": res["kld_p99"]}

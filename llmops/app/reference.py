@@ -37,8 +37,9 @@ def reference_converter_script() -> Path:
     return script
 
 def llama_cpp_tool(name: str) -> Path:
-    """One of llama.cpp's own tools (llama-perplexity, llama-bench), built from the same llama.cpp
-    that llama-cpp-python wraps, so both sides of a comparison run the same kernels."""
+    """One of llama.cpp's own tools (llama-perplexity, llama-bench, llama-quantize), built from the
+    same llama.cpp that llama-cpp-python wraps, so both sides of a comparison run the same kernels
+    (and llama-quantize reads an importance matrix exactly as the quantizer we call is handed it)."""
     from llmops.core.settings import cache_dir
 
     root = cache_dir() / "reference" / f"llama.cpp-{LLAMA_CPP_PYTHON}"

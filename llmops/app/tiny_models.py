@@ -45,8 +45,37 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
     "phi3": {"model_type": "phi3", "num_key_value_heads": 4, "rope_theta": 10000.0},
+    # Llama 3.1/3.2: frequency-dependent RoPE scaling; an original context of 64 puts the 32
+    # frequencies of a 64-wide head in all three bands (kept, smoothed, divided by the factor)
+    "llama3": {"model_type": "llama", "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64, "rope_theta": 500000.0}},
+    "llama_tied": {"model_type": "llama", "rope_theta": 10000.0, "tie_word_embeddings": True},
+    "mistral": {"model_type": "mistral", "rope_theta": 1000000.0, "sliding_window": None},
+    # a window shorter than the test prompts, so that the mask is exercised
+    "mistral_swa": {"model_type": "mistral", "rope_theta": 10000.0, "sliding_window": 8},
+    "olmo2": {"model_type": "olmo2", "rope_theta": 500000.0},
+    # Granite 3's multipliers, scaled to the tiny widths: none of them is the neutral 1.0
+    "granite": {"model_type": "granite", "rope_theta": 10000.0, "embedding_multiplier": 12.0,
+                "residual_multiplier": 0.22, "attention_multiplier": 0.0625, "logits_scaling": 4.0},
+    # SmolLM3 leaves RoPE out of every 4th layer (layer 3 here); llama.cpp has that step built in
+    "smollm3": {"model_type": "smollm3", "rope_theta": 2000000.0, "num_hidden_layers": 4,
+                "no_rope_layer_interval": 4, "tie_word_embeddings": True},
+    # Phi-4-mini: 3/4 of each head rotated, LongRoPE short/long factors (24 = 0.75 * 64 / 2 each),
+    # tied embeddings. llama.cpp takes the long factors when its context exceeds the original one.
+    "phi4_mini": {"model_type": "phi3", "partial_rotary_factor": 0.75, "tie_word_embeddings": True,
+                  "max_position_embeddings": 4096, "original_max_position_embeddings": 512,
+                  "rope_scaling": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                   "short_factor": [1.0 + 0.05 * i for i in range(24)],
+                                   "long_factor": [1.0 + 0.75 * i for i in range(24)]}},
+    "gemma3": {"model_type": "gemma3_text", "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 256,
+               "tie_word_embeddings": True},
     "gpt2": {"model_type": "gpt2", "n_embd": 256, "n_layer": 2, "n_head": 4, "n_positions": 512},
 }
+
+# Phi-4-mini ships a GPT-2 tokenizer and says so; llama.cpp's converter reads tokenizer.json only
+# for that class (other Phi-3 checkpoints are SentencePiece).
+TOKENIZER_CLASSES: dict[str, str] = {"phi4_mini": "GPT2Tokenizer"}
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -62,8 +91,9 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(dest: Path) -> None:
-    """A byte-level BPE like GPT-2's/SmolLM2's, trained on a few sentences."""
+def build_tokenizer(dest: Path, tokenizer_class: str | None = None) -> None:
+    """A byte-level BPE like GPT-2's/SmolLM2's, trained on a few sentences; ``tokenizer_class``
+    names the class in tokenizer_config.json where a family's checkpoints name one."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,6 +116,14 @@ def build_tokenizer(dest: Path) -> None:
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(dest)
+    # Say what the tokenizer does (no BOS, no EOS added) in its config, as released tokenizers do:
+    # llama.cpp's converter writes those flags only when the config has them.
+    cfg_path = dest / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.update(add_bos_token=False, add_eos_token=False)
+    if tokenizer_class:
+        cfg["tokenizer_class"] = tokenizer_class
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def tiny_model(arch: str, dest: str | Path, seed: int = 0, dtype: str = "float32",
@@ -100,7 +138,7 @@ def tiny_model(arch: str, dest: str | Path, seed: int = 0, dtype: str = "float32
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    build_tokenizer(dest)
+    build_tokenizer(dest, TOKENIZER_CLASSES.get(arch))
     vocab = len(AutoTokenizer.from_pretrained(dest))
     params = {**_COMMON, **ARCHITECTURES[arch]}
     model_type = params.pop("model_type")

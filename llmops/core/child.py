@@ -14,8 +14,10 @@ The protocol, the same for every job:
 * the child calls ``function(job, say)`` and writes its reply (a JSON object) atomically
   beside the job; an exception becomes ``{"ok": false, "error": "<one line>"}``;
 * progress: a line the child writes to stderr through ``say`` starts with :data:`MARK`
-  and reaches the parent's ``progress`` callback; other stderr lines are kept (the
-  last ones explain a crash) and, with ``log_file``, logged;
+  and reaches the parent's ``progress`` callback; ``say`` is a reporter
+  (``llmops.core.progress``), so the child's phases, warnings and notes cross too, encoded
+  in MARK lines, and drive the parent's bar; other stderr lines are kept (the last ones
+  explain a crash) and, with ``log_file``, logged;
 * a child that sent no reply is described by how it ended: a signal, or its exit code
   with its last error line;
 * Ctrl-C (or any exception) in the parent kills the child before propagating.
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.core.errors import LLMOpsError
+from llmops.core.progress import EventReader, EventWriter, Reporter, as_reporter
 
 MARK = "\x1ellmops\x1e "  # starts a progress line on a child's stderr
 Progress = Callable[[str], None]
@@ -51,12 +54,22 @@ _ENTRY = ("import sys; from llmops.core.child import child_entry; "
 def say(message: str) -> None:
     """In a child: a progress line for the parent. Never raises (it may run on a library's
     worker thread, where an exception could end the interpreter)."""
+    _mark_line(" ".join(str(message).split()))
+
+
+def _mark_line(line: str) -> None:
+    """One MARK line on stderr, as it is (an encoded event is one line already)."""
     try:
         with _write_lock:
-            sys.stderr.write(MARK + " ".join(str(message).split()) + "\n")
+            sys.stderr.write(MARK + line + "\n")
             sys.stderr.flush()
-    except Exception:  # noqa: BLE001 - see docstring
+    except Exception:  # noqa: BLE001 - see say
         pass
+
+
+def child_reporter() -> Reporter:
+    """In a child: the reporter whose messages and phases reach the parent's ``progress``."""
+    return EventWriter(_mark_line)
 
 
 def one_line(e: BaseException) -> str:
@@ -75,7 +88,7 @@ def child_entry(target: str, job_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     try:
         module, _, func = target.partition(":")
-        reply = getattr(importlib.import_module(module), func)(job, say)
+        reply = getattr(importlib.import_module(module), func)(job, child_reporter())
         reply = {"ok": True, **(reply or {})}
     except BaseException as e:  # noqa: BLE001 - reported to the parent as one line
         if not isinstance(e, LLMOpsError | MemoryError):
@@ -99,13 +112,14 @@ def run_child(target: str, job: dict[str, Any], what: str, workdir: str | Path, 
 
     Raises LLMOpsError("<what> failed: <error>") when the child reports an error (just the
     error with ``prefix_errors=False``), and LLMOpsError("<what> crashed (SIGSEGV)") and the
-    like when it sent no reply."""
+    like when it sent no reply. ``progress`` (a callable or a reporter; None: the ambient
+    reporter) gets the child's messages and phases; phases the child leaves open end with it."""
     wd = Path(workdir)
     tag = f"{os.getpid()}-{id(job)}"
     job = {**job, "reply": str(wd / f"reply-{tag}.json")}
     job_file = wd / f"job-{tag}.json"
     job_file.write_text(json.dumps(job))
-    say_ = progress or (lambda _m: None)
+    events = EventReader(as_reporter(progress))
     tail: collections.deque[str] = collections.deque(maxlen=40)
     log = open(log_file, "ab") if log_file else None  # noqa: SIM115 - closed below
     timer: threading.Timer | None = None
@@ -128,7 +142,7 @@ def run_child(target: str, job: dict[str, Any], what: str, workdir: str | Path, 
             for raw in proc.stderr:
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if line.startswith(MARK):
-                    say_(line[len(MARK):])
+                    events.feed(line[len(MARK):])
                     continue
                 if log is not None:
                     log.write(raw)
@@ -143,6 +157,7 @@ def run_child(target: str, job: dict[str, Any], what: str, workdir: str | Path, 
             if proc.stderr is not None:
                 proc.stderr.close()
     finally:
+        events.close()
         if timer is not None:
             timer.cancel()
         if log is not None:

@@ -16,6 +16,10 @@ permuted back, exactly as transformers' ``convert_llama_weights_to_hf.py`` does,
 result equals converting the same weights saved in Hugging Face layout. ``rope.freqs`` is a
 cache of the rotary frequencies and is dropped. Pickles are read weights-only.
 
+``tokenizer.model`` is SentencePiece up to Llama 2 and tiktoken BPE text from Llama 3 on (told
+apart by content, ``tokenizer_model_kind``); for tiktoken the config gets the BOS/EOS ids Meta's
+tokenizer numbers after the ranks, as transformers' converter writes them.
+
 Written by hand because no library offers a lazy view: transformers' converter loads every
 shard into memory and writes a new copy, which a 70 B checkpoint in 8 shards cannot afford.
 """
@@ -50,6 +54,25 @@ def _meta_files(folder: Path) -> list[Path]:
 
 
 _INT_FIELDS = ("dim", "n_layers", "n_heads")
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+(?:\r?\n|$)")
+
+
+def tokenizer_model_kind(path: Path) -> str:
+    """``"tiktoken"`` (lines of ``base64-token rank``, Llama 3 on) or ``"sentencepiece"`` (a
+    protobuf, whose first byte is field 1's tag, 0x0A; anything else is left to SentencePiece
+    to refuse)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return "sentencepiece"
+    return "tiktoken" if _TIKTOKEN_LINE.match(head) else "sentencepiece"
+
+
+def tiktoken_rank_count(path: Path) -> int:
+    """The number of BPE ranks in a tiktoken file (its non-empty lines)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def read_mapping(path: Path, kind: str, parse: Callable[[str], Any], errors: tuple[type[BaseException], ...],
@@ -182,6 +205,11 @@ class MetaLayout:
         if declared not in (None, -1) and declared != vocab:
             raise LLMOpsError(f"{folder / 'params.json'}: vocab_size {declared} but the embedding has {vocab} rows")
         self.config = meta_config(self.params, vocab, self.dtype)
+        tok = folder / "tokenizer.model"
+        if tok.is_file() and tokenizer_model_kind(tok) == "tiktoken":
+            # Meta's tokenizer.py: <|begin_of_text|> and <|end_of_text|> follow the ranks
+            n = tiktoken_rank_count(tok)
+            self.config.update(bos_token_id=n, eos_token_id=n + 1)
         self._check_shapes()
 
     def _state(self, f: Path) -> dict[str, Any]:

@@ -3,18 +3,24 @@
 Only click is imported at start-up; every command imports what it needs
 (torch, transformers, mlflow) inside its body, so ``llmops --help`` is instant.
 Errors become one line on stderr (and ``{"error": ...}`` on stdout with
---json) and a non-zero exit.
+--json) and a non-zero exit. How progress shows on stderr (a redrawn bar on a terminal, a few
+lines elsewhere, nothing but warnings under --json, the per-item table with -v) is decided here,
+once, by :meth:`State.reporter`, and handed down to the library.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from llmops import __version__
 from llmops.app.output import emit
+
+if TYPE_CHECKING:
+    from llmops.core.progress import Reporter
 
 NOT_YET = "is not available in this version of llmops"
 
@@ -22,7 +28,17 @@ NOT_YET = "is not available in this version of llmops"
 class State:
     def __init__(self) -> None:
         self.json = False
+        self.verbose = False
         self.store_dir: str | None = None
+
+    def reporter(self) -> Reporter:
+        """Progress for this command on stderr: a bar redrawn in place when stderr is a terminal,
+        a start, a few milestone and an end line per phase when it is not (CI, a pipe), only
+        warnings under --json (stdout holds the document, stderr stays almost empty); per-item
+        lines (the per-tensor table) too with -v, unless --json, where the table is in the document."""
+        from llmops.core.progress import StreamReporter
+
+        return StreamReporter(sys.stderr, quiet=self.json, verbose=self.verbose)
 
     def store(self):  # noqa: ANN201 - llmops.registry.store.Store, imported lazily
         from llmops.core.settings import resolve
@@ -42,6 +58,17 @@ def _state() -> State:
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         ctx.ensure_object(State).json = True
+
+
+def _set_verbose(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(State).verbose = True
+
+
+def verbose_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """-v/--verbose: the per-item lines of long phases (a conversion's per-tensor table)."""
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_verbose,
+                        help="Print a line per item of long phases (the per-tensor table of a conversion).")(f)
 
 
 def _set_store(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from llmops.app.cli.base import DefaultGroup, _state, cli, common, out
+from llmops.app.cli.base import DefaultGroup, _state, cli, common, out, verbose_option
 from llmops.app.output import table
 
 
@@ -29,10 +29,13 @@ from llmops.app.output import table
 @click.option("--sym/--asym", default=None, help="GPTQ: symmetric (default) or asymmetric quantization.")
 @click.option("--damp", type=click.FloatRange(0, 1, min_open=True), help="GPTQ dampening fraction.")
 @click.option("--block-size", type=click.IntRange(16), help="onnx-int4/onnx-int8 block size (default 32).")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), help="GGUF mixes: importance matrix, a "
+              "llama.cpp imatrix file (.gguf or legacy .dat) or calibration text to compute one from.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all).")
 @click.option("--eval-text", type=click.Path(dir_okay=False), help="Eval text for --verify (default $LLMOPS_EVAL_TEXT).")
 @click.option("--allow-nonfinite", is_flag=True, help="Convert weights that contain NaN or Inf.")
+@verbose_option
 @common
 def convert(source: str, target: str, output: str | None, register_name: str | None, verify: bool,
             calibration: str | None, device: str, threads: int | None, eval_text: str | None, allow_nonfinite: bool,
@@ -40,9 +43,10 @@ def convert(source: str, target: str, output: str | None, register_name: str | N
     """Convert SOURCE (a checkpoint folder or file, or models:/NAME/VERSION) to TARGET."""
     from llmops.app.convert_flow import run_convert
 
-    out(run_convert(_state(), source=source, target=target, output=output, register_name=register_name,
+    state = _state()
+    out(run_convert(state, source=source, target=target, output=output, register_name=register_name,
                     verify=verify, calibration=calibration, device=device, eval_text=eval_text, threads=threads,
-                    allow_nonfinite=allow_nonfinite, options=options), _render_convert)
+                    allow_nonfinite=allow_nonfinite, options=options, progress=state.reporter()), _render_convert)
 
 
 def _render_convert(d: dict[str, Any]) -> str:
@@ -85,9 +89,11 @@ def bench_run(artifacts: tuple[str, ...], device: str, threads: int | None, metr
     """Benchmark ARTIFACT... (files, folders or models:/ references) on this machine."""
     from llmops.app.bench_flow import run_bench
 
-    r = run_bench(_state(), artifacts, device=device, threads=threads, metrics=metrics, eval_text=eval_text,
+    state = _state()
+    r = run_bench(state, artifacts, device=device, threads=threads, metrics=metrics, eval_text=eval_text,
                   dataset=dataset, ctx=ctx, chunks=None if chunks < 0 else chunks, baseline=baseline, record=record,
-                  runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, max_memory_mb=max_memory)
+                  runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, max_memory_mb=max_memory,
+                  progress=state.reporter())
     out(r, lambda d: _bench_table(d["rows"]))
 
 

@@ -87,6 +87,35 @@ def models_show(ref: str) -> None:
     out(v.to_dict(), render)
 
 
+@models.command("backfill")
+@click.option("--dry-run", is_flag=True, help="Say which versions lack a LoggedModel; create nothing.")
+@common
+def models_backfill(dry_run: bool) -> None:
+    """Give every version registered before LoggedModels one (with its recorded results); idempotent."""
+    from llmops.registry.logged_models import backfill
+
+    rows = [r.to_dict() for r in backfill(_state().store(), dry_run=dry_run)]
+
+    def render(rs: list[dict[str, Any]]) -> str:
+        if not rs:
+            return "no registered versions"
+        def state(r: dict[str, Any]) -> str:
+            if r["error"]:
+                return r["error"]
+            return ("would create" if dry_run else "created") if r["created"] else "has one"
+
+        body = table([[r["uri"], r["model_id"] or "-", state(r), r["metrics"]] for r in rs],
+                     ["VERSION", "LOGGED MODEL", "STATE", "METRICS"])
+        made = sum(r["created"] for r in rs)
+        return body + f"\n{made} {'to create' if dry_run else 'created'}, {len(rs) - made} already linked"
+
+    out(rows, render)
+    if any(r["error"] for r in rows):
+        from llmops.core.errors import LLMOpsError
+
+        raise LLMOpsError("some versions got no LoggedModel (see the table)")
+
+
 # -- prompts / datasets ---------------------------------------------------------------
 @cli.group()
 def prompts() -> None:

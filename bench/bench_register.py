@@ -1,0 +1,90 @@
+"""Registration at disk speed: ``llmops models register`` of a large file against ``cp`` + ``sync``.
+
+The file (``--gb``, default 4: the size of a 7B model at Q4_K_M) is written by the benchmark into
+a temporary folder on the store's filesystem and removed after. Each run registers it into a fresh
+store (the store's copy is part of the work, as it is for ``cp``), then copies it with ``cp`` and
+``sync``s; runs are interleaved and the medians compared. Registration hashes the bytes while it
+copies them (one read), so the target is ``cp`` + ``sync``'s time, within 2× at worst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_blob(path: Path, gb: float) -> None:
+    block = os.urandom(16 << 20)  # incompressible, so no filesystem shortcut makes either side fast
+    left = int(gb * (1 << 30))
+    with open(path, "wb") as f:
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def time_register(blob: Path, store: Path) -> float:
+    llmops = str(Path(sys.executable).with_name("llmops"))
+    env = {**os.environ, "LLMOPS_STORE": str(store)}
+    env.pop("LLMOPS_DATABASE_URL", None)
+    subprocess.run([llmops, "db", "upgrade"], env=env, check=True, capture_output=True)  # store set-up is not the copy
+    t0 = time.perf_counter()
+    subprocess.run([llmops, "--json", "models", "register", str(blob), "--name", "bench"], env=env, check=True,
+                   capture_output=True)
+    return time.perf_counter() - t0
+
+
+def time_cp(blob: Path, dest: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(blob), str(dest)], check=True)
+    subprocess.run(["sync"], check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gb", type=float, default=4.0)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=Path.cwd())
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    free = shutil.disk_usage(args.workdir).free / (1 << 30)
+    gb = args.gb
+    if free < 3.5 * gb:  # the blob, the store's copy and cp's copy, with room to spare
+        gb = max(0.25, free / 4)
+        print(f"only {free:.1f} GiB free: scaling the file to {gb:.2f} GiB", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="llmops-bench-register-", dir=args.workdir) as d:
+        work = Path(d)
+        blob = work / "model.bin"  # plain bytes: a .gguf name would be checked as GGUF
+        write_blob(blob, gb)
+        ours, cps = [], []
+        for i in range(args.runs):
+            store = work / f"store-{i}"
+            ours.append(time_register(blob, store))
+            shutil.rmtree(store)
+            copy = work / "copy.bin"
+            cps.append(time_cp(blob, copy))
+            copy.unlink()
+            print(f"run {i + 1}: register {ours[-1]:.2f} s, cp + sync {cps[-1]:.2f} s", file=sys.stderr)
+    r, c = statistics.median(ours), statistics.median(cps)
+    report = {"gb": gb, "runs": args.runs, "register_s": r, "cp_sync_s": c, "ratio": r / c}
+    print(f"\n### Registration ({gb:.2f} GiB file, median of {args.runs}, interleaved)\n")
+    print("| what | seconds | GB/s |\n|---|---|---|")
+    print(f"| `llmops models register` (fresh SQLite store) | {r:.2f} | {gb * 1.0737 / r:.2f} |")
+    print(f"| `cp` + `sync` | {c:.2f} | {gb * 1.0737 / c:.2f} |")
+    print(f"\nregister / (cp + sync): {r / c:.2f}×")
+    if args.json:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
