@@ -80,13 +80,13 @@ def text_tokens(tiny_models: Callable[[str], Path]) -> np.ndarray:
     return np.asarray(ids[:512], dtype=np.int32)
 
 
-_TORCH_LOGITS: dict[str, np.ndarray] = {}
+_TORCH_LOGITS: dict[tuple[str, bytes], np.ndarray] = {}
 
 
 def torch_logits(src: Path, tokens: np.ndarray) -> np.ndarray:
     from llmops.benchmarks.runner_torch import TorchRunner
 
-    key = str(src)
+    key = (str(src), np.asarray(tokens).tobytes())  # the same model on other tokens is another entry
     if key not in _TORCH_LOGITS:
         _TORCH_LOGITS[key] = TorchRunner(str(src), threads=2).logits(tokens)
     return _TORCH_LOGITS[key]
