@@ -95,7 +95,9 @@ def _aliases(store, ref: str) -> list[str]:  # noqa: ANN001 - Store
         return []
     from llmops.registry.versions import resolve_model_version
 
-    return sorted(resolve_model_version(store, ref).aliases or [])
+    mv = resolve_model_version(store, ref)
+    # a version found as "latest" comes from a search, which MLflow returns without its aliases
+    return sorted(store.mlflow.get_model_version(mv.name, mv.version).aliases or [])
 
 
 def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> dict[str, Any]:  # noqa: ANN001
