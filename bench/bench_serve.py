@@ -296,8 +296,7 @@ def main() -> None:
                    log=workdir / "serve-plain.log")
     import llama_cpp
 
-    from llmops.app.serving.engines import extra_bufts_ok
-    from llmops.benchmarks.runner_llamacpp import _model_params
+    from llmops.benchmarks.runner_llamacpp import _model_params, extra_bufts_ok
 
     # the same llama.cpp settings as the server's engine (n_batch 512, the CPU buffer types it picks)
     with _model_params(use_extra_bufts=extra_bufts_ok()):

@@ -208,3 +208,16 @@ def test_smollm2_perplexity_agrees_between_llama_cpp_and_torch(tmp_path, eval_te
     print(f"PPL torch fp32 {torch_ppl:.3f}, llama.cpp F32 {gguf_ppl:.3f}")
     assert torch_ppl == pytest.approx(28.80, abs=0.05)
     assert gguf_ppl == pytest.approx(torch_ppl, abs=0.05)
+
+
+def test_compare_table_names_the_aliases_a_version_holds() -> None:
+    from llmops.app.cli.convert_cmds import _bench_table
+
+    rows = [{"label": "m/1", "format": "safetensors", "ppl": 10.0, "aliases": []},
+            {"label": "m/2", "format": "gguf", "quant": "Q4_K_M", "ppl": 11.0, "dppl_pct": 10.0,
+             "aliases": ["production", "canary"]}]
+    lines = _bench_table(rows, against_first=True).splitlines()
+    first = next(line for line in lines if "m/1" in line)
+    second = next(line for line in lines if "m/2" in line)
+    assert "@" not in first
+    assert "m/2 @production @canary" in second and "+10.00" in second

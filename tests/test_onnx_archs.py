@@ -1,5 +1,5 @@
-"""ONNX export of Mistral, Gemma 2 and Gemma 3 (tiny random models), as tests/test_onnx.py does
-for Llama and Qwen 3: fp32 logits in plain onnxruntime against transformers (max |difference|
+"""ONNX export of Mistral, Gemma 2, Gemma 3, Granite and Llama 3.1 rope scaling (tiny random models),
+as tests/test_onnx.py does for Llama and Qwen 3: fp32 logits in plain onnxruntime against transformers (max |difference|
 below 1e-3, test_onnx.py's fp32 bound), greedy decoding in onnxruntime-genai equal to transformers',
 the transformers 5 config forms the builder needs adapted, and what the builder cannot take refused.
 """
@@ -17,7 +17,7 @@ from llmops.core.errors import LLMOpsError
 
 from test_onnx import SENTENCE, TOLERANCES, genai_greedy, torch_logits
 
-ARCHS = ["mistral", "gemma2", "gemma3"]
+ARCHS = ["mistral", "gemma2", "gemma3", "granite", "llama3"]
 
 
 @pytest.fixture(scope="module")
@@ -92,4 +92,15 @@ def test_olmo2_is_refused_up_front(tiny_models: Callable[[str], Path], tmp_path:
         convert(tiny_models("olmo2"), "onnx", tmp_path / "out", verify=False)
     msg = str(e.value)
     assert "\n" not in msg and "Olmo2ForCausalLM" in msg and "MistralForCausalLM" in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_smollm3_is_refused_up_front(tiny_models: Callable[[str], Path], tmp_path: Path) -> None:
+    """The builder's SmolLM3 fails on (CPU, CUDA) or rotates (elsewhere) the RoPE-less layers: refused in
+    one line saying why, before any file."""
+    with pytest.raises(LLMOpsError) as e:
+        convert(tiny_models("smollm3"), "onnx", tmp_path / "out", verify=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "SmolLM3ForCausalLM" in msg and "RoPE-less layers" in msg
+    assert "GraniteForCausalLM" in msg  # the supported ones are named
     assert list(tmp_path.iterdir()) == []

@@ -222,3 +222,19 @@ def test_onnx_json_lists_the_initializers_without_progress_lines(cli, tiny: Path
     assert doc["format"] == "onnx" and doc["tensors"]
     assert sum(t["bytes"] for t in doc["tensors"]) == doc["parameters"]["weight_bytes"]
     assert not any(line.startswith(("onnx export", "converting", "wrote", "checking", "[")) for line in r.err.splitlines())
+
+
+@pytest.mark.parametrize("target", ["onnx-int4", "gptq-4bit"])
+def test_json_stderr_stays_empty_for_library_backed_targets(tiny: Path, tmp_path: Path, target: str) -> None:
+    """In a fresh process, as a user runs it: the libraries under ONNX and GPTQ conversion
+    (torchao, torch, the builder, GPTQModel) print nothing on stderr at import under --json."""
+    import os
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("llmops"))
+    p = subprocess.run([exe, "--json", "convert", str(tiny), "--to", target, "-o", str(tmp_path / "out"),
+                        "--no-verify"], capture_output=True, text=True, env=os.environ.copy(), timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    assert json.loads(p.stdout)["format"] in ("onnx", "gptq")

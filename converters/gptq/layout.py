@@ -69,9 +69,65 @@ def store_float16(tmp: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
+def fuse_split_modules(tmp: Path, ckpt: Checkpoint) -> None:
+    """Put back the fused ``gate_up_proj`` of a source that has one (Phi-3, Phi-4-mini).
+
+    GPTQModel quantizes such an MLP as two modules, ``gate_proj`` and ``up_proj``, and saves them
+    so; the source's own class (``Phi3ForCausalLM``) has one ``gate_up_proj`` and cannot load
+    that. Both halves read the same input, so the fused module is the two packed tensors side by
+    side along the output axis, gate first (as the source's rows are): ``qweight``, ``qzeros``
+    and ``scales`` concatenated on dim 1, the shared ``g_idx`` once. GPTQModel has no option to
+    keep the fusion, hence this step."""
+    fused = {n[: -len(".gate_up_proj.weight")] for n in ckpt.names() if n.endswith(".gate_up_proj.weight")}
+    if not fused:
+        return
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(tmp.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        prefixes = {n[: -len(".gate_proj.qweight")] for n in tensors if n.endswith(".gate_proj.qweight")}
+        prefixes &= fused
+        if not prefixes:
+            continue
+        for pre in sorted(prefixes):
+            gate, up = f"{pre}.gate_proj", f"{pre}.up_proj"
+            if f"{up}.qweight" not in tensors:
+                raise LLMOpsError(f"GPTQ output: {gate} and {up} are in different files; cannot fuse them "
+                                  f"back into {pre}.gate_up_proj")
+            g_gate, g_up = tensors.get(f"{gate}.g_idx"), tensors.get(f"{up}.g_idx")
+            if (g_gate is None) != (g_up is None) or (g_gate is not None and not torch.equal(g_gate, g_up)):
+                raise LLMOpsError(f"GPTQ output: {gate} and {up} have different group orders; "
+                                  f"they cannot be fused back into {pre}.gate_up_proj, which the source's "
+                                  "class needs")
+            for leaf in ("qweight", "qzeros", "scales"):
+                tensors[f"{pre}.gate_up_proj.{leaf}"] = torch.cat(
+                    [tensors.pop(f"{gate}.{leaf}"), tensors.pop(f"{up}.{leaf}")], dim=1).contiguous()
+            if g_gate is not None:
+                tensors[f"{pre}.gate_up_proj.g_idx"] = g_gate
+                del tensors[f"{gate}.g_idx"], tensors[f"{up}.g_idx"]
+            for leaf in ("bias",):
+                if f"{gate}.{leaf}" in tensors:
+                    tensors[f"{pre}.gate_up_proj.{leaf}"] = torch.cat(
+                        [tensors.pop(f"{gate}.{leaf}"), tensors.pop(f"{up}.{leaf}")]).contiguous()
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    index = tmp / "model.safetensors.index.json"
+    if index.is_file():  # a sharded output: the weight map names the fused tensors
+        data = json.loads(index.read_text(encoding="utf-8"))
+        wm = data.get("weight_map", {})
+        for f in sorted(tmp.glob("*.safetensors")):
+            for t in read_safetensors_header(f):
+                wm[t.name] = f.name
+        for name in [n for n in wm if ".gate_proj." in n or ".up_proj." in n]:
+            if name.rsplit(".mlp.", 1)[0] + ".mlp" in fused:
+                del wm[name]
+        index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
 def finish_folder(tmp: Path, ckpt: Checkpoint) -> None:
     """Source tokenizer and generation config verbatim; drop GPTQModel's transient scratch path from the config."""
     store_float16(tmp)
+    fuse_split_modules(tmp, ckpt)
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         src = ckpt.root / name
         if src.is_file():

@@ -55,6 +55,12 @@ def plan_layers(root: Path, config: dict[str, Any]) -> LayerPlan:
     blocks = _decoder_blocks(skeleton, int(getattr(hf_config, "num_hidden_layers", 0) or 0))
     if blocks is None:
         raise LLMOpsError(f"architecture {arch}: no stack of decoder layers found to quantize")
+    fused = [n for n, prm in blocks[0].named_parameters() if prm.dim() == 3]
+    if fused:
+        # transformers 5 keeps a layer's experts as stacked 3-D weights; GPTQModel 7.6 quantizes
+        # them as separate per-expert modules, a layout whose loading this converter cannot check
+        raise LLMOpsError(f"architecture {arch}: GPTQ conversion of mixture-of-experts layers "
+                          f"({fused[0].rsplit('.', 1)[0]}) is not supported; use a GGUF or ONNX target")
     widths: dict[str, int] = {}
     params = 0
     for i, block in enumerate(blocks):

@@ -85,6 +85,9 @@ def child_entry(target: str, job_file: str) -> int:
     non-daemon threads a library may have left behind."""
     import importlib
 
+    from llmops.core.quiet import silence_import_noise
+
+    silence_import_noise()
     job = json.loads(Path(job_file).read_text())
     try:
         module, _, func = target.partition(":")

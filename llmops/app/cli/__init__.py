@@ -17,6 +17,7 @@ from llmops.app.cli import convert_cmds, registry_cmds, serve_cmds, server_cmds 
 from llmops.app.cli.base import cli
 from llmops.app.output import emit, log
 from llmops.core.errors import LLMOpsError
+from llmops.core.quiet import silence_import_noise
 
 __all__ = ["cli", "main"]
 
@@ -32,6 +33,7 @@ def _fail(message: str, code: int, json_mode: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    silence_import_noise()
     json_mode = "--json" in args
     try:
         cli.main(args=args, prog_name="llmops", standalone_mode=False)

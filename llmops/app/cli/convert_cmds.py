@@ -126,7 +126,10 @@ def _bench_table(rows: list[dict[str, Any]], against_first: bool = False) -> str
     body = []
     for r in rows:
         dppl = _dppl(r, against_first)
-        body.append([r.get("artifact") or r.get("label") or MISSING, r.get("format") or MISSING,
+        label = r.get("artifact") or r.get("label") or MISSING
+        if r.get("aliases"):  # bench compare: the version holds these aliases (the plot's stars)
+            label += " " + " ".join(f"@{a}" for a in r["aliases"])
+        body.append([label, r.get("format") or MISSING,
                      r.get("quant") or MISSING, _fmt(r.get("file_mb"), ".1f"),
                      _fmt(r.get("bits_per_weight"), ".2f"), _fmt(r.get("ppl"), ".3f"), _fmt(dppl, "+.2f"),
                      _fmt(r.get("kld"), ".5f"), _fmt(r.get("top1"), ".4f"), _fmt(r.get("prefill_tps"), ".1f"),
