@@ -106,10 +106,9 @@ def fuse_split_modules(tmp: Path, ckpt: Checkpoint) -> None:
             if g_gate is not None:
                 tensors[f"{pre}.gate_up_proj.g_idx"] = g_gate
                 del tensors[f"{gate}.g_idx"], tensors[f"{up}.g_idx"]
-            for leaf in ("bias",):
-                if f"{gate}.{leaf}" in tensors:
-                    tensors[f"{pre}.gate_up_proj.{leaf}"] = torch.cat(
-                        [tensors.pop(f"{gate}.{leaf}"), tensors.pop(f"{up}.{leaf}")]).contiguous()
+            if f"{gate}.bias" in tensors:
+                tensors[f"{pre}.gate_up_proj.bias"] = torch.cat(
+                    [tensors.pop(f"{gate}.bias"), tensors.pop(f"{up}.bias")]).contiguous()
         save_file(tensors, str(f), metadata={"format": "pt"})
     index = tmp / "model.safetensors.index.json"
     if index.is_file():  # a sharded output: the weight map names the fused tensors
