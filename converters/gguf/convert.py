@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -86,9 +87,18 @@ class GGUFResult:
     staged: Staged | None = None  # the output, written but not yet renamed into place
 
 
+# Tensors convert_hf_to_gguf.py always stores in F32, whatever the output type (its list in
+# ModelBase.prepare_tensors, as GGUF names; the MoE router and shared-expert gate are the ones our
+# architectures have, the rest are kept so a new architecture cannot silently miss them).
+_ALWAYS_F32 = re.compile(
+    r"(^|\.)(ffn_gate_inp|ffn_gate_inp_shexp|position_embd|token_types|ssm_conv1d|ssm_conv1d_[qkv]|shortconv\.conv"
+    r"|time_mix_(first|w1|w2|decay_w1|decay_w2|lerp_fused)|norm1|norm2|altup_correct_coef|altup_predict_coef"
+    r"|indexer\.proj)\.weight$")
+
+
 def _direct_type(name: str, shape: tuple[int, ...], target: str) -> QT:
     """convert_hf_to_gguf.py's choice for the F32/F16/BF16/Q8_0 outputs."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or _ALWAYS_F32.search(name):
         return QT.F32
     qt = QT[target]
     if qt == QT.Q8_0 and shape[-1] % 32 != 0:
