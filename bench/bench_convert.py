@@ -76,9 +76,11 @@ def median_of(runs: int, cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
 
 def write_synthetic(dest: Path, tokenizer_from: Path, *, layers: int = 30, hidden: int = 3072,
                     intermediate: int = 8192, heads: int = 24, kv_heads: int = 8, vocab: int = 49152,
-                    experts: int = 0) -> int:
+                    experts: int = 0, tied: bool = True, shard_gb: float = 0) -> int:
     """A Llama-shaped bf16 safetensors checkpoint (~3.2B parameters with the defaults), written streaming;
-    with ``experts``, Mixtral-shaped (that many SwiGLU experts of width ``intermediate`` per layer)."""
+    with ``experts``, Mixtral-shaped (that many SwiGLU experts of width ``intermediate`` per layer);
+    with ``shard_gb``, in shards of about that size with a ``model.safetensors.index.json``, as
+    Hugging Face saves large models."""
     import numpy as np
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -106,29 +108,49 @@ def write_synthetic(dest: Path, tokenizer_from: Path, *, layers: int = 30, hidde
             shapes.update({p + "mlp.gate_proj.weight": (intermediate, hidden),
                            p + "mlp.up_proj.weight": (intermediate, hidden),
                            p + "mlp.down_proj.weight": (hidden, intermediate)})
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    off = 0
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    groups: list[list[str]] = [[]]
+    size = 0
     for name, shape in shapes.items():
         n = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [off, off + n]}
-        off += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
+        if shard_gb and groups[-1] and size + n > shard_gb * 1e9:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += n
     rng = np.random.default_rng(0)
     block = (rng.normal(0, 0.02, size=8 << 20).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
-    with open(dest / "model.safetensors", "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        left = off
-        while left:
-            chunk = block[: min(len(block), left)]
-            f.write(chunk)
-            left -= len(chunk)
+    weight_map: dict[str, str] = {}
+    for k, names in enumerate(groups):
+        fname = (f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" if len(groups) > 1 or shard_gb
+                 else "model.safetensors")
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name in names:
+            n = int(np.prod(shapes[name])) * 2
+            header[name] = {"dtype": "BF16", "shape": list(shapes[name]), "data_offsets": [off, off + n]}
+            off += n
+            weight_map[name] = fname
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(dest / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            left = off
+            while left:
+                chunk = block[: min(len(block), left)]
+                f.write(chunk)
+                left -= len(chunk)
+    if shard_gb:
+        total = sum(int(np.prod(s)) * 2 for s in shapes.values())
+        (dest / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}))
     config = {
         "architectures": ["MixtralForCausalLM" if experts else "LlamaForCausalLM"],
         "model_type": "mixtral" if experts else "llama", "hidden_size": hidden,
         "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
         "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": tied, "torch_dtype": "bfloat16",
         "bos_token_id": 1, "eos_token_id": 2,
         **({"num_local_experts": experts, "num_experts_per_tok": 2} if experts else {}),
     }
@@ -142,6 +164,8 @@ def main() -> None:
     ap.add_argument("--skip-3b", action="store_true")
     ap.add_argument("--skip-moe", action="store_true", help="skip the synthetic 3B mixture-of-experts case")
     ap.add_argument("--only-moe", action="store_true", help="run the mixture-of-experts case alone")
+    ap.add_argument("--llama7b", type=int, metavar="LAYERS", default=0,
+                    help="run only the Llama-7B-shaped case with this many layers (32: the whole 6.7B)")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
 
@@ -153,6 +177,9 @@ def main() -> None:
         wd = Path(d)
         if args.only_moe:
             synthetic_moe(wd, src)
+            return
+        if args.llama7b:
+            synthetic_llama7b(wd, src, script, args.llama7b)
             return
         rows = []
         t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16.gguf"), script.parent)
@@ -188,13 +215,73 @@ def main() -> None:
             synthetic_moe(wd, src)
 
 
+def synthetic_llama7b(wd: Path, src: Path, script: Path, layers: int) -> None:
+    """``gguf-q4`` of a Llama-2-7B-shaped bf16 checkpoint (4096 wide, 11008 MLP, 32 heads, untied head,
+    5 GB shards; ``layers`` of its 32; SmolLM2's 49152-token vocabulary, so that its tokenizer serves)
+    against llama.cpp's two steps on the same files, each step timed on its own: at this size the K-quant arithmetic dominates both, so the floor is
+    llama.cpp's quantize step alone. Then ``llmops models register`` of our output against ``cp`` +
+    ``sync`` of the same file. One run each (minutes per run); the disk must hold the checkpoint, the
+    reference F16 and both outputs."""
+    big = wd / "synthetic-llama7b"
+    need = layers / 32 * (13.5 + 13.5 + 2 * 4.1) + 0.6
+    free = shutil.disk_usage(wd).free / 1e9
+    if free < need:
+        raise SystemExit(f"{wd}: {free:.0f} GB free, the {layers}-layer case needs about {need:.0f} GB")
+    t0 = time.perf_counter()
+    n = write_synthetic(big, src, layers=layers, hidden=4096, intermediate=11008, heads=32, kv_heads=32,
+                        vocab=49152, tied=False, shard_gb=5)
+    size = sum(f.stat().st_size for f in big.glob("*.safetensors"))
+    print(f"\nsynthetic Llama-7B-shaped checkpoint, {layers} layers: {n / 1e9:.2f}B parameters, bf16, "
+          f"{size / 1e9:.1f} GB in {len(list(big.glob('*.safetensors')))} shards "
+          f"(written in {time.perf_counter() - t0:.0f} s), {os.cpu_count()} CPU(s)\n")
+    sys.stdout.flush()
+    ours_q4, ref_f16, ref_q4 = wd / "ours-q4.gguf", wd / "ref-f16.gguf", wd / "ref-q4.gguf"
+    t_our, m_our = run_measured(ours(big, "gguf-q4", ours_q4), wd)
+    convert_step, quantize_step = reference(script, big, ref_f16, ref_q4)
+    t_conv, m_conv = run_measured([convert_step], script.parent)
+    t_quant, m_quant = run_measured([quantize_step], wd)
+    same = _tensor_bytes(ours_q4) == _tensor_bytes(ref_q4)
+    print("| | time | peak RSS | time ratio (llmops / this) |")
+    print("|---|---|---|---|")
+    print(f"| llmops convert --to gguf-q4 | {t_our:.1f} s | {m_our / 1e6:.0f} MB | |")
+    print(f"| convert_hf_to_gguf.py --outtype f16 | {t_conv:.1f} s | {m_conv / 1e6:.0f} MB | |")
+    print(f"| llama_model_quantize Q4_K_M | {t_quant:.1f} s | {m_quant / 1e6:.0f} MB | {t_our / t_quant:.2f}x |")
+    print(f"| both llama.cpp steps | {t_conv + t_quant:.1f} s | {max(m_conv, m_quant) / 1e6:.0f} MB "
+          f"| {t_our / (t_conv + t_quant):.2f}x |")
+    print(f"\ntensor data identical to llama.cpp's: {same}")
+    sys.stdout.flush()
+    for f in (ref_f16, ref_q4):
+        f.unlink(missing_ok=True)
+    shutil.rmtree(big, ignore_errors=True)
+    from bench_register import time_cp, time_register
+
+    store = wd / "store"
+    t_reg = time_register(ours_q4, store)
+    t_cp = time_cp(ours_q4, wd / "copy.gguf")
+    print(f"\nllmops models register of the {ours_q4.stat().st_size / 1e9:.2f} GB output: {t_reg:.1f} s; "
+          f"cp + sync: {t_cp:.1f} s ({t_reg / t_cp:.2f}x)")
+
+
+def _tensor_bytes(path: Path) -> str:
+    """sha256 over every tensor's name, type and data, in file order (the key-value header differs:
+    the reference's names the model from its folder)."""
+    import hashlib
+
+    import gguf
+
+    h = hashlib.sha256()
+    for t in gguf.GGUFReader(path).tensors:
+        h.update(t.name.encode() + t.tensor_type.name.encode() + t.data.tobytes())
+    return h.hexdigest()
+
+
 def synthetic_moe(wd: Path, src: Path) -> None:
     """Peak RSS of converting a synthetic ~3B-parameter Mixtral-shaped bf16 checkpoint: experts are
     stacked expert by expert while streaming, so memory must not grow with their number."""
     big = wd / "synthetic-moe"
     t0 = time.perf_counter()
     n = write_synthetic(big, src, layers=26, hidden=2048, intermediate=2048, heads=16, kv_heads=8, experts=8)
-    size = (big / "model.safetensors").stat().st_size
+    size = sum(f.stat().st_size for f in big.glob("*.safetensors"))
     print(f"\nsynthetic MoE checkpoint: {n / 1e9:.2f}B parameters (8 experts x 26 layers), bf16, {size / 1e9:.1f} GB "
           f"(written in {time.perf_counter() - t0:.0f} s)\n")
     print("| checkpoint | target | llmops time | llmops peak RSS | target |")

@@ -87,6 +87,9 @@ def main() -> None:
             print(f"run {i + 1}/{args.runs}: llmops convert --to gptq-4bit", file=sys.stderr)
             ours.append(_timed([llmops, "convert", str(src), "--to", "gptq-4bit", "--group-size",
                                 str(args.group_size), "--threads", str(args.threads), "--no-verify",
+                                # the same work as the direct call: llmops' scale search and
+                                # sensitivity pass (on by default) are GPTQModel options it is not given
+                                "--mse", "0", "--no-keep-outliers",
                                 "-o", str(work / f"ours-{i}")], env, work))
     t_o, t_d = statistics.median(s for s, _ in ours), statistics.median(s for s, _ in direct)
     print(f"\n### GPTQ 4-bit g{args.group_size} on CPU (SmolLM2-135M, {len(calib.samples)}×"

@@ -178,6 +178,10 @@ def test_4bit_record_and_layout(converted: Callable[..., Any], calib: Path,
     assert (p["bits"], p["group_size"], p["requested_group_size"], p["act_order"], p["sym"]) == (4, 128, 128,
                                                                                                   False, True)
     assert p["architecture"] == "Qwen3ForCausalLM" and p["damp"] > 0 and p["quantized_modules"] == 14
+    # the default recipe: scale search in the 2.4-norm, and the sensitivity pass, which finds no
+    # outlier among two layers of random weights (every module quantized, so both rates agree)
+    assert p["mse"] == 2.4 and p["keep_outliers"] is True and p["float16_modules"] == []
+    assert p["linear_bits_per_weight"] == p["quantized_bits_per_weight"]
     end = p["calibration"]["char_end"]
     assert p["calibration"] == {"path": str(calib.resolve()), "sha256": sha256_file(calib), "char_offset": 0,
                                 "char_end": end, "samples": 8, "tokens_per_sample": 64, "source": "file"}
@@ -404,6 +408,119 @@ def test_output_naming(tmp_path: Path, converted: Callable[..., Any]) -> None:
         resolve_destination(tmp_path / "f", name)
 
 
+# -- modules kept in float16 -------------------------------------------------------------------------
+
+
+def _scores(values: dict[str, float], params: int = 100) -> list[Any]:
+    from llmops.converters.gptq.sensitivity import ModuleScore
+
+    return [ModuleScore(n, v, params) for n, v in values.items()]
+
+
+def test_outliers_are_picked_against_their_own_kind() -> None:
+    from llmops.converters.gptq.sensitivity import pick_outliers
+
+    down = {f"model.layers.{i}.mlp.down_proj": 1.0 for i in range(10)}
+    down["model.layers.7.mlp.down_proj"] = 60.0
+    down["model.layers.3.mlp.down_proj"] = 40.0  # 40x its kind's median: below the factor of 50
+    # a kind whose every module scores high is no outlier: each is compared with its own kind
+    q = {f"model.layers.{i}.self_attn.q_proj": 1000.0 for i in range(10)}
+    picked = pick_outliers(_scores({**down, **q}), factor=50, max_fraction=0.5)
+    assert [s.name for s in picked] == ["model.layers.7.mlp.down_proj"]
+    # the weight budget caps what is kept, the worst first
+    many = {f"model.layers.{i}.mlp.down_proj": 1.0 for i in range(20)}
+    many.update({f"model.layers.{i}.mlp.down_proj": 100.0 * (i + 1) for i in range(3)})
+    assert [s.name for s in pick_outliers(_scores(many), factor=50, max_fraction=2 / 20)] == [
+        "model.layers.2.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    # fewer than three layers: no median to stand out from
+    assert pick_outliers(_scores({"model.layers.0.mlp.down_proj": 1.0, "model.layers.1.mlp.down_proj": 1e6})) == []
+
+
+def test_skip_entries_match_only_their_module() -> None:
+    import re
+
+    from llmops.converters.gptq.sensitivity import dynamic_skips, modules_in_block_to_quantize
+
+    (pattern,) = dynamic_skips(["model.layers.1.mlp.down_proj"])
+    assert pattern.startswith("-:")
+    rx = re.compile(pattern[2:])  # GPTQModel matches from the start of the module name
+    assert rx.match("model.layers.1.mlp.down_proj") and rx.match("layers.1.mlp.down_proj")
+    assert not rx.match("model.layers.11.mlp.down_proj") and not rx.match("model.layers.1.mlp.up_proj")
+    groups = modules_in_block_to_quantize(["self_attn.q_proj", "mlp.down_proj"], 12, "layers",
+                                          ["model.layers.1.mlp.down_proj"])
+    assert groups[0] == ["self_attn.q_proj"]
+    assert "layers.1.mlp.down_proj" not in groups[1] and len(groups[1]) == 11
+    # optimum quantizes a module whose name ends with an entry: layer 11 is not mistaken for layer 1
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(12)]
+    quantized = [n for n in names if any(n.endswith(e) for e in groups[1])]
+    assert quantized == [n for n in names if n != "model.layers.1.mlp.down_proj"]
+
+
+def test_rounding_error_is_zero_on_the_grid_and_weighted_by_activations() -> None:
+    import torch
+
+    from llmops.converters.gptq.sensitivity import rounding_error
+
+    on_grid = torch.arange(16.0).repeat(2)[None].repeat(4, 1)  # asymmetric 4-bit: step 1, zero 0
+    assert rounding_error(on_grid, torch.ones(32), 4, 32, sym=False) < 1e-20
+    assert rounding_error(on_grid + 0.5, torch.ones(32), 4, 32, sym=False) > 0
+    w = torch.randn(8, 64)
+    e = torch.zeros(64)
+    assert rounding_error(w, e, 4, 32, sym=True) == 0.0  # no activation reaches the columns: no output error
+    e[:32] = 1.0
+    first = rounding_error(w, e, 4, 32, sym=True)
+    e[:32] = 4.0
+    assert abs(rounding_error(w, e, 4, 32, sym=True) - 4 * first) < 1e-9 * first
+    assert rounding_error(w, torch.ones(64), 8, 32, sym=True) < rounding_error(w, torch.ones(64), 4, 32, sym=True) / 100
+
+
+def test_outlier_module_stays_float16_and_transformers_loads_it(tmp_path: Path, calib: Path) -> None:
+    """A six-layer Llama whose layer-1 down_proj weights are 30x the others': the sensitivity pass
+    keeps that module unquantized, GPTQModel leaves it so, and transformers loads the folder with a
+    plain linear layer there and GPTQ kernels everywhere else, agreeing with the runner."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from llmops.app.converting import convert
+    from llmops.app.tiny_models import tiny_model
+    from llmops.benchmarks.runner_gptq import GPTQRunner
+
+    src = tiny_model("llama", tmp_path / "outlier", overrides={"num_hidden_layers": 6})
+    weights = load_file(str(src / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    weights[name + ".weight"] = weights[name + ".weight"] * 30
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+
+    rec = convert(src, "gptq-4bit", tmp_path / "out", verify=False, options=_opts(calib))
+    p = rec.parameters
+    assert p["keep_outliers"] is True and p["float16_modules"] == [name]
+    assert p["quantized_modules"] == 6 * 7 - 1
+    assert p["linear_bits_per_weight"] > p["quantized_bits_per_weight"]
+    out = load_file(str(rec.output / "model.safetensors"))
+    assert name + ".qweight" not in out
+    assert torch.equal(out[name + ".weight"], weights[name + ".weight"].to(torch.float16))
+    qc = json.loads((rec.output / "config.json").read_text())["quantization_config"]
+    assert not any(e.endswith("layers.1.mlp.down_proj") for g in qc["modules_in_block_to_quantize"] for e in g)
+    assert any(k.startswith("-:") for k in qc["dynamic"])
+
+    hf = AutoModelForCausalLM.from_pretrained(rec.output, device_map="cpu", dtype=torch.float32).eval()
+    mods = dict(hf.named_modules())
+    assert type(mods[name]) is torch.nn.Linear
+    assert type(mods["model.layers.1.mlp.up_proj"]) is not torch.nn.Linear  # a GPTQ kernel
+    runner = GPTQRunner(str(rec.output), n_ctx=64)
+    tokens = runner.tokenize("The quick brown fox jumps over the lazy dog. Perplexity measures how well")
+    with torch.inference_mode():
+        ref = hf(input_ids=torch.from_numpy(tokens.astype(np.int64))[None]).logits[0].float().numpy()
+    got = runner.logits(tokens)
+    assert np.abs(got - ref).max() < 0.03 * np.abs(ref).max()
+
+    # off: every module quantized
+    off = convert(src, "gptq-4bit", tmp_path / "off", verify=False, options=_opts(calib, keep_outliers=False))
+    assert off.parameters["float16_modules"] == [] and off.parameters["quantized_modules"] == 6 * 7
+    assert off.parameters["keep_outliers"] is False
+
+
 # -- SmolLM2 ---------------------------------------------------------------------------------------
 
 
@@ -425,3 +542,19 @@ def test_smollm2_gptq_beats_rtn(tmp_path: Path, eval_text_path: Path) -> None:
     ppl_rtn = evaluate(rtn.output, text, chunks=16)["ppl_output"]
     print(f"SmolLM2 4-bit g64 wikitext-2 PPL (16 chunks): GPTQ {ppl_gptq:.3f}, RTN {ppl_rtn:.3f}")
     assert ppl_gptq < ppl_rtn
+
+
+def test_recipe_options_are_checked(tiny_models: Callable[[str], Path], tmp_path: Path, cli) -> None:
+    """--mse out of range, or a GPTQ option on another target: one line, exit 2, nothing written."""
+    src = tiny_models("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = cli("convert", src, "--to", "gptq-4bit", "--mse", "11", "-o", out, "--no-verify")
+    assert r.code == 2 and "--mse" in r.err, r.err
+    r = cli("convert", src, "--to", "gguf-q4", "--no-keep-outliers", "-o", out, "--no-verify")
+    assert r.code == 2 and "--keep-outliers" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    with pytest.raises(LLMOpsError, match="mse"):
+        from llmops.converters.gptq.convert import _mse_option
+
+        _mse_option({"mse": "high"})
+    assert list(out.iterdir()) == []

@@ -148,9 +148,9 @@ def plan_tensors(ckpt: Checkpoint, family: Family, quant: GGUFQuant) -> list[Pla
 
 def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarray | None = None,
             first_row: int = 0, rows_per_matrix: int | None = None) -> np.ndarray:
-    if base == QT.F16 and qtype != QT.F16:
-        # what llama.cpp's quantizer reads back from the F16 file
-        x = x.astype(np.float16).astype(np.float32)
+    via_f16 = base == QT.F16 and qtype != QT.F16  # what llama.cpp's quantizer reads back from the F16 file
+    if via_f16 and qtype in (QT.F32, QT.BF16):
+        x = _parallel_rows(x, lambda a: a.astype(np.float16).astype(np.float32), np.float32, threads)
     if qtype == QT.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == QT.F16:
@@ -163,7 +163,7 @@ def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarra
             r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)  # quiet NaN, as gguf-py does
         return r
     # importance weights per matrix: a stack of experts uses expert e's for rows of expert e
-    return quantize_rows(x, qtype, threads, imatrix, first_row, rows_per_matrix)
+    return quantize_rows(x, qtype, threads, imatrix, first_row, rows_per_matrix, via_f16=via_f16)
 
 
 def _parallel_rows(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, threads: int) -> np.ndarray:

@@ -91,13 +91,17 @@ def _ggml() -> ctypes.CDLL:
 
 
 def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.ndarray | None = None,
-                  first_row: int = 0, rows_per_matrix: int | None = None) -> np.ndarray:
+                  first_row: int = 0, rows_per_matrix: int | None = None, *, via_f16: bool = False) -> np.ndarray:
     """Quantize a C-contiguous float32 array (rows along the last axis) with ggml; returns raw bytes.
 
     ``imatrix``: the importance of each input column, float32 ``[n_per_row]`` or, for stacked
     experts, ``[n_matrices, n_per_row]``; row ``r`` of ``data`` is row ``first_row + r`` of
     the whole tensor and uses the weights of matrix ``(first_row + r) // rows_per_matrix``,
-    as llama.cpp's ``llama_tensor_quantize_impl`` does (no slab crosses a matrix boundary)."""
+    as llama.cpp's ``llama_tensor_quantize_impl`` does (no slab crosses a matrix boundary).
+
+    ``via_f16``: quantize what an F16 file of ``data`` holds (what llama.cpp's quantizer reads back
+    from convert_hf_to_gguf.py's output). Each thread rounds its own slab, so the round trip runs on
+    every core instead of before the quantizer on one."""
     data = np.ascontiguousarray(data, dtype=np.float32)
     n_per_row = data.shape[-1]
     nrows = data.size // n_per_row if n_per_row else 0
@@ -116,10 +120,15 @@ def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.nda
     src = data.ctypes.data
     dst = out.ctypes.data
 
+    rows2d = data.reshape(nrows, n_per_row)
+
     def work(a: int, b: int) -> int:
         w = None
         if im is not None:
             w = im[(first_row + a) // rows_per_matrix].ctypes.data
+        if via_f16:
+            slab = rows2d[a:b].astype(np.float16).astype(np.float32)
+            return lib.ggml_quantize_chunk(int(qtype), slab.ctypes.data, dst + a * rs, 0, b - a, n_per_row, w)
         return lib.ggml_quantize_chunk(int(qtype), src + a * n_per_row * 4, dst + a * rs, 0, b - a, n_per_row, w)
 
     threads = max(1, min(threads, nrows))

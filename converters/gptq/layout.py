@@ -8,6 +8,8 @@ import json
 import shutil
 from pathlib import Path
 
+from llmops.converters.gptq.plan import LayerPlan
+from llmops.converters.gptq.sensitivity import modules_in_block_to_quantize
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError
 from llmops.core.tensorfiles import read_safetensors_header
@@ -35,6 +37,22 @@ def quantized_tensor_stats(folder: Path, bits: int) -> tuple[int, int, int]:
         total_params += in_features * shape[1]
         total_bytes += sum(nb for _, nb in parts.values())
     return total_bytes, total_params, len(per_module)
+
+
+def unquantized_module_stats(folder: Path, names: list[str]) -> tuple[int, int]:
+    """(bytes, weights) of the decoder modules kept in float16; each must be a plain weight."""
+    if not names:
+        return 0, 0
+    tensors = {t.name: t for f in sorted(folder.glob("*.safetensors")) for t in read_safetensors_header(f)}
+    nbytes = params = 0
+    for name in names:
+        if f"{name}.qweight" in tensors or f"{name}.weight" not in tensors:
+            raise LLMOpsError(f"GPTQ output: {name} was to stay in float16 but GPTQModel "
+                              f"{'quantized it' if f'{name}.qweight' in tensors else 'did not write it'}")
+        t = tensors[f"{name}.weight"]
+        nbytes += t.nbytes
+        params += t.nbytes // 2
+    return nbytes, params
 
 
 def store_float16(tmp: Path) -> None:
@@ -123,8 +141,9 @@ def fuse_split_modules(tmp: Path, ckpt: Checkpoint) -> None:
         index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def finish_folder(tmp: Path, ckpt: Checkpoint) -> None:
-    """Source tokenizer and generation config verbatim; drop GPTQModel's transient scratch path from the config."""
+def finish_folder(tmp: Path, ckpt: Checkpoint, plan: LayerPlan | None = None, kept: list[str] | None = None) -> None:
+    """Source tokenizer and generation config verbatim; drop GPTQModel's transient scratch path from the
+    config; name the modules that stay unquantized the way transformers reads it."""
     store_float16(tmp)
     fuse_split_modules(tmp, ckpt)
     for name in (*TOKENIZER_FILES, "generation_config.json"):
@@ -140,6 +159,11 @@ def finish_folder(tmp: Path, ckpt: Checkpoint) -> None:
         meta = qc.get("meta") if isinstance(qc, dict) else None
         if isinstance(meta, dict):
             meta.pop("offload_to_disk_path", None)
+        if kept and plan is not None and isinstance(qc, dict):
+            # transformers (through optimum) builds a GPTQ kernel for every linear module it is
+            # not told to skip; GPTQModel's negative ``dynamic`` entries are not read there
+            qc["modules_in_block_to_quantize"] = modules_in_block_to_quantize(
+                list(plan.widths), plan.n_layers, _layers_name(kept[0]), kept)
         p.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
@@ -154,3 +178,10 @@ def check_output(tmp: Path, bits: int, group: int) -> None:
     if got != ("gptq", "gptq", bits, group):
         raise LLMOpsError(f"GPTQModel wrote an unexpected quantization_config {got}; expected "
                           f"('gptq', 'gptq', {bits}, {group})")
+
+
+def _layers_name(module: str) -> str:
+    """``model.layers.11.mlp.down_proj`` -> ``layers``."""
+    parts = module.split(".")
+    i = next(k for k, p in enumerate(parts) if p.isdecimal())
+    return parts[i - 1]

@@ -44,6 +44,7 @@ class LayerProgress:
         self._started = time.perf_counter()
         self._lock = threading.Lock()
         self._bar: Phase | None = None
+        self.losses: list[tuple[int, str, float]] = []  # (layer, module, GPTQ loss), every module
 
     @contextlib.contextmanager
     def phase(self, name: str = "GPTQ") -> Iterator[Phase]:
@@ -69,6 +70,8 @@ class LayerProgress:
         loss = _float(stat.get("loss"))
         secs = _float(stat.get("time")) or 0.0
         with self._lock:
+            if loss is not None:
+                self.losses.append((layer, module, loss))
             rows = self._rows.setdefault(layer, [])
             rows.append((module, loss, secs))
             if len(rows) < self.per_layer:

@@ -45,10 +45,14 @@ def run(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
         qc = RTNConfig(**common)
     else:
         damp = job.get("damp")
-        qc = QuantizeConfig(**common, **({"damp_percent": damp} if damp is not None else {}))
+        qc = QuantizeConfig(**common, **({"damp_percent": damp} if damp is not None else {}),
+                            mse=float(job.get("mse") or 0.0))
     hook = LayerProgress(say, job["n_layers"], job["modules_per_layer"])
+    kept: list[str] = []
     load_kwargs: dict[str, Any] = {"dtype": torch.float32} if device == "cpu" else {}
     with contained_run(scratch, hook):
+        if job["method"] != "rtn" and job.get("keep_outliers"):
+            kept = _keep_outliers(qc, json.loads(Path(job["calibration"]).read_text()), job, say)
         say("loading the source model")
         model = GPTQModel.load(job["source"], qc, **load_kwargs)
         with hook.phase("GPTQ" if job["method"] != "rtn" else "RTN"):
@@ -61,5 +65,32 @@ def run(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
         say("saving")
         model.save(job["output"])
     used = getattr(model.quantize_config, "damp_percent", None)
-    return {"damp": None if job["method"] == "rtn" or used is None else float(used)}
+    return {"damp": None if job["method"] == "rtn" or used is None else float(used), "losses": hook.losses,
+            "kept": kept}
 
+
+def _keep_outliers(qc: Any, samples: list[list[int]], job: dict[str, Any], say: Callable[[str], None]) -> list[str]:
+    """Score the modules on the calibration samples and leave the outliers unquantized
+    (``sensitivity.py``) through ``qc.dynamic``. The model is loaded here with transformers and
+    freed before GPTQModel loads its own copy: GPTQModel's keeps its layers on the meta device
+    until it quantizes them, so no forward pass can run through it."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmops.converters.gptq.sensitivity import decoder_modules, dynamic_skips, pick_outliers, score_modules
+
+    say("sensitivity: scoring the linear modules on the calibration samples")
+    model = AutoModelForCausalLM.from_pretrained(job["source"], dtype=torch.float32)
+    try:
+        _, names = decoder_modules(model, job["n_layers"], job["module_kinds"])
+        scores = score_modules(model, samples, names, job["bits"], job["group_size"], job["sym"], say)
+    finally:
+        del model
+        gc.collect()
+    kept = [s.name for s in pick_outliers(scores)]
+    if kept:
+        qc.dynamic = {**(qc.dynamic or {}), **dynamic_skips(kept)}
+        say(f"sensitivity: keeping {len(kept)} modules in float16: {', '.join(kept)}")
+    return kept

@@ -28,6 +28,10 @@ from llmops.app.output import table
 @click.option("--act-order", is_flag=True, default=None, help="GPTQ: quantize columns in order of activation size.")
 @click.option("--sym/--asym", default=None, help="GPTQ: symmetric (default) or asymmetric quantization.")
 @click.option("--damp", type=click.FloatRange(0, 1, min_open=True), help="GPTQ dampening fraction.")
+@click.option("--mse", type=click.FloatRange(0, 10), help="GPTQ: search each group's scale for the smallest "
+              "rounding error in this p-norm (default 2.4; 0: plain min-max scales).")
+@click.option("--keep-outliers/--no-keep-outliers", default=None, help="GPTQ: leave in float16 the few modules "
+              "whose rounding error on the calibration activations is an outlier (default: on).")
 @click.option("--block-size", type=click.IntRange(16), help="onnx-int4/onnx-int8 block size (default 32).")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), help="GGUF mixes: importance matrix, a "
               "llama.cpp imatrix file (.gguf or legacy .dat) or calibration text to compute one from.")
