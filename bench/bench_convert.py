@@ -2,7 +2,7 @@
 
     python bench/bench_convert.py [--runs 3] [--skip-3b] [--workdir DIR]
 
-Measures wall time and peak RSS (each run in a fresh process, ``wait4`` rusage) of
+Measures wall time and peak RSS (each run in a fresh process, its own ``wait4`` rusage) of
 
 * F16: ``llmops`` convert vs llama.cpp's ``convert_hf_to_gguf.py``;
 * gguf-q4 (Q4_K_M) end to end: ``llmops`` convert vs ``convert_hf_to_gguf.py --outtype f16``
@@ -22,13 +22,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from llmops.app.reference import reference_converter_script
+from measure import measured
 
 FTYPE_Q4_K_M = 15
 
@@ -40,17 +40,9 @@ def run_measured(cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
     total, peak = 0.0, 0
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     for cmd in cmds:
-        with tempfile.TemporaryFile() as errf:  # a file, not a pipe: a chatty child cannot block on it
-            t0 = time.perf_counter()
-            p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=errf)
-            _, status, ru = os.wait4(p.pid, 0)
-            total += time.perf_counter() - t0
-            errf.seek(0)
-            err = errf.read().decode("utf-8", "replace")
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode != 0:
-            raise SystemExit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{err[-2000:]}")
-        peak = max(peak, ru.ru_maxrss * 1024)
+        secs, rss = measured(cmd, cwd, env)
+        total += secs
+        peak = max(peak, rss)
     return total, peak
 
 
@@ -240,7 +232,7 @@ def synthetic_llama7b(wd: Path, src: Path, script: Path, layers: int) -> None:
     convert_step, quantize_step = reference(script, big, ref_f16, ref_q4)
     t_conv, m_conv = run_measured([convert_step], script.parent)
     t_quant, m_quant = run_measured([quantize_step], wd)
-    same = _tensor_bytes(ours_q4) == _tensor_bytes(ref_q4)
+    diffs = tensor_differences(ours_q4, ref_q4)
     print("| | time | peak RSS | time ratio (llmops / this) |")
     print("|---|---|---|---|")
     print(f"| llmops convert --to gguf-q4 | {t_our:.1f} s | {m_our / 1e6:.0f} MB | |")
@@ -248,7 +240,8 @@ def synthetic_llama7b(wd: Path, src: Path, script: Path, layers: int) -> None:
     print(f"| llama_model_quantize Q4_K_M | {t_quant:.1f} s | {m_quant / 1e6:.0f} MB | {t_our / t_quant:.2f}x |")
     print(f"| both llama.cpp steps | {t_conv + t_quant:.1f} s | {max(m_conv, m_quant) / 1e6:.0f} MB "
           f"| {t_our / (t_conv + t_quant):.2f}x |")
-    print(f"\ntensor data identical to llama.cpp's: {same}")
+    print(f"\ntensors identical to llama.cpp's (names, order, types, data): {not diffs}"
+          + "".join(f"\n  {d}" for d in diffs[:10]) + (f"\n  ... {len(diffs)} in all" if len(diffs) > 10 else ""))
     sys.stdout.flush()
     for f in (ref_f16, ref_q4):
         f.unlink(missing_ok=True)
@@ -262,17 +255,26 @@ def synthetic_llama7b(wd: Path, src: Path, script: Path, layers: int) -> None:
           f"cp + sync: {t_cp:.1f} s ({t_reg / t_cp:.2f}x)")
 
 
-def _tensor_bytes(path: Path) -> str:
-    """sha256 over every tensor's name, type and data, in file order (the key-value header differs:
-    the reference's names the model from its folder)."""
+def _tensors(path: Path) -> dict[str, tuple[str, str]]:
+    """Each tensor's (type, sha256 of its data), in file order (the key-value headers differ: the
+    reference's names the model from its folder)."""
     import hashlib
 
     import gguf
 
-    h = hashlib.sha256()
-    for t in gguf.GGUFReader(path).tensors:
-        h.update(t.name.encode() + t.tensor_type.name.encode() + t.data.tobytes())
-    return h.hexdigest()
+    return {t.name: (t.tensor_type.name, hashlib.sha256(t.data.tobytes()).hexdigest())
+            for t in gguf.GGUFReader(path).tensors}
+
+
+def tensor_differences(ours_path: Path, ref_path: Path) -> list[str]:
+    """What differs between two GGUFs' tensors: names, order, types or data (empty: identical)."""
+    a, b = _tensors(ours_path), _tensors(ref_path)
+    if set(a) != set(b):
+        return [f"only in ours: {sorted(set(a) - set(b))[:5]}; only in llama.cpp's: {sorted(set(b) - set(a))[:5]}"]
+    diffs = [f"{n}: {a[n][0]} vs {b[n][0]}" + ("" if a[n][0] != b[n][0] else " (data)") for n in a if a[n] != b[n]]
+    if not diffs and list(a) != list(b):
+        diffs.append("same tensors, different order")
+    return diffs
 
 
 def synthetic_moe(wd: Path, src: Path) -> None:

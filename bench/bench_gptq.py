@@ -19,11 +19,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from measure import measured
 
 DIRECT = r"""
 import json, sys, torch
@@ -38,24 +38,13 @@ model.save(job["output"])
 """
 
 
-def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int | None]:
-    """(seconds, peak RSS in bytes, None if GNU time reported none) of one command. GNU time reports
-    the largest resident set of the command and of the processes it waited for (GPTQModel runs in our child)."""
-    t0 = time.perf_counter()
-    # cwd: GPTQModel writes its ./logs folder wherever it runs
-    p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
-    secs = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed ({p.returncode}): {p.stderr[-1500:]}")
-    kb = [ln.split()[1] for ln in p.stderr.splitlines() if ln.startswith("MAXRSS_KB ")]
-    return secs, int(kb[-1]) * 1024 if kb else None
+def _timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int]:
+    """(seconds, peak RSS in bytes) of one command; cwd: GPTQModel writes its ./logs folder wherever it runs."""
+    return measured(cmd, cwd, env)
 
 
-def median_rss_mb(runs: list[tuple[float, int | None]]) -> str:
-    """Median peak RSS in MB over the runs that reported one; "n/a" (never 0) when none did."""
-    known = [rss for _, rss in runs if rss is not None]
-    return f"{statistics.median(known) / 1e6:.0f}" if known else "n/a"
+def median_rss_mb(runs: list[tuple[float, int]]) -> str:
+    return f"{statistics.median(rss for _, rss in runs) / 1e6:.0f}"
 
 
 def main() -> None:

@@ -297,6 +297,52 @@ def test_byte_identical_to_reference_converter(variant, reference_converter: Pat
     assert _sha256(ours) == _sha256(ref), _where_they_differ(ours, ref)
 
 
+def minimal_config(src: Path, dest: Path) -> Path:
+    """``src`` with each config.json field transformers' class would fill in with the same value
+    left out: what ``save_pretrained`` of a model at those values, or an older hand-written
+    config, holds (a Llama-7B-shaped one has no ``head_dim``, a Qwen3 one may have none at 128)."""
+    import copy
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    keep = {"architectures", "model_type", "hidden_size", "num_attention_heads", "num_hidden_layers",
+            "vocab_size", "intermediate_size", "torch_dtype", "dtype", "transformers_version"}
+
+    def filled(c: dict[str, Any]) -> dict[str, Any]:
+        c = copy.deepcopy(c)
+        return AutoConfig.for_model(c.pop("model_type"), **c).to_dict()
+
+    full = filled(cfg)
+    for key in [k for k in cfg if k not in keep]:
+        rest = {k: v for k, v in cfg.items() if k != key}
+        if filled(rest) == full:
+            cfg = rest
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.fidelity
+@pytest.mark.parametrize("case", ["llama3", "mistral", "qwen3", "olmo2", "granite", "smollm3", "phi4_mini", "gemma3_custom",
+                                  "qwen3_moe"])
+def test_byte_identical_with_minimal_config(variant, reference_converter: Path, tmp_path: Path, case: str) -> None:
+    """A config.json that leaves out what its class defaults to converts as llama.cpp's converter
+    (which reads it through transformers) converts it."""
+    import json
+
+    src = minimal_config(variant(case), tmp_path / f"tiny-{case}-min")
+    left_out = set(json.loads((variant(case) / "config.json").read_text())) - set(
+        json.loads((src / "config.json").read_text()))
+    assert left_out  # the case tests something
+    ours = _convert(src, tmp_path / "ours.gguf", "F16")
+    ref = _reference(reference_converter, src, "f16", tmp_path / "ref.gguf", str(_fields(ours)["tokenizer.ggml.pre"]))
+    assert _sha256(ours) == _sha256(ref), (sorted(left_out), _where_they_differ(ours, ref))
+
+
 def _sha256(path: Path) -> str:
     from llmops.core.hashing import sha256_file
 

@@ -20,6 +20,7 @@ import gguf
 import numpy as np
 
 from llmops.converters.architectures import FROM_MODEL_TYPE
+from llmops.converters.gguf.hf_defaults import with_defaults
 from llmops.core.errors import LLMOpsError
 
 _FAMILIES: dict[str, type[Family]] = {}
@@ -53,7 +54,8 @@ def family_for(config: dict[str, Any], where: str = "config.json") -> Family:
         raise LLMOpsError(
             f"architecture {name} is not supported for GGUF conversion; supported: {', '.join(sorted(_FAMILIES))}"
         )
-    return cls(config, name)
+    model_type = config.get("model_type") or next((t for t, n in FROM_MODEL_TYPE.items() if n == name), None)
+    return cls(with_defaults(config, model_type), name)
 
 
 def _load_all() -> None:
@@ -134,6 +136,9 @@ class Family:
 
     def extra_tensors(self) -> list[tuple[str, np.ndarray]]:
         return []
+
+    def add_vocab_prelude(self, w: gguf.GGUFWriter, root: Path) -> None:
+        """Tokenizer keys a family writes before the vocabulary (where llama.cpp's converter does)."""
 
     def add_vocab_extras(self, w: gguf.GGUFWriter, root: Path, vocab: dict[str, Any]) -> None:
         """Tokenizer keys a family adds beyond the common export."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
@@ -50,7 +49,7 @@ class LlamaFamily(Family):
         w.add_vocab_size(int(self.hparams["vocab_size"]))
         w.add_rope_dimension_count(self.head_dim())
 
-    def add_vocab_extras(self, w: gguf.GGUFWriter, root: Path, vocab: dict[str, Any]) -> None:
+    def add_vocab_prelude(self, w: gguf.GGUFWriter, root: Path) -> None:
         tc = root / "tokenizer_config.json"
         if tc.is_file():
             value = json.loads(tc.read_text(encoding="utf-8")).get("add_prefix_space")

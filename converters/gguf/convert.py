@@ -40,7 +40,9 @@ from llmops.converters.naming import model_metadata, output_stem
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
-from llmops.converters.gguf.quantize import compute_types, llama_model_quantize, quantize_rows, requires_imatrix
+from llmops.converters.gguf.quantize import (
+    compute_types, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix,
+)
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
 from llmops.converters.gguf.vocab import add_vocab
 from llmops.converters.gguf.writer import StreamingGGUFWriter
@@ -232,6 +234,10 @@ def convert_to_gguf(
         else:
             for t in plan:
                 t.qtype = types[t.name]
+            # llama.cpp's quantizer writes its output in its loader's order (by layer, then name),
+            # not the F16 file's: so does the one pass, for the same file
+            at = {n: i for i, n in enumerate(llama_tensor_order([t.name for t in plan]))}
+            plan.sort(key=lambda t: at[t.name])
 
     def build_writer(ftype: int, tensors: list[PlannedTensor], use_final: bool) -> tuple[StreamingGGUFWriter, Any, dict]:
         out = StreamingGGUFWriter(family.arch_name)
@@ -248,8 +254,15 @@ def convert_to_gguf(
         family.add_parameters(w)
         _insert_file_type(w, start, family, ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        family.add_vocab_prelude(w, ckpt.root)
         vocab = add_vocab(w, ckpt.root, ckpt.config, prefer_spm=family.prefer_spm)
         family.add_vocab_extras(w, ckpt.root, vocab)
+        if use_final and quant.via_llama_quantizer:
+            # llama.cpp's quantizer copies the F16 file's keys, then sets these two anew, which
+            # moves them to the end
+            kv = w.kv_data[0]
+            for key in (gguf.Keys.General.QUANTIZATION_VERSION, gguf.Keys.General.FILE_TYPE):
+                kv[key] = kv.pop(key)
         return out, md, {"total": total, "vocab": vocab}
 
     # Everything that can be refused (architecture, names, config, tokenizer) is checked

@@ -130,8 +130,10 @@ class Checkpoint:
         self._pickle_sd: dict[str, Any] | None = None
         self._layout: Any = None
         if kind == "safetensors":
+            # shard by shard, each shard's tensors by name: the order the safetensors library (and
+            # llama.cpp's converter) lists them in, whatever order the header or the data has
             for f in files:
-                for info in read_safetensors_header(f):
+                for info in sorted(read_safetensors_header(f), key=lambda i: i.name):
                     self._infos[info.name] = info
         elif kind in ("meta", "litgpt"):
             from llmops.core.layout_litgpt import LitGPTLayout
