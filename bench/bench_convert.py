@@ -4,7 +4,7 @@
 
 Measures wall time and peak RSS (each run in a fresh process, its own ``wait4`` rusage) of
 
-* F16: ``llmops`` convert vs llama.cpp's ``convert_hf_to_gguf.py``;
+* F16 and Q8_0: ``llmops convert --no-verify`` (the whole command) vs llama.cpp's ``convert_hf_to_gguf.py``;
 * gguf-q4 (Q4_K_M) end to end: ``llmops`` convert vs ``convert_hf_to_gguf.py --outtype f16``
   followed by llama.cpp's quantizer (``llama_model_quantize``);
 * peak RSS of our F16 conversion of a synthetic ~3B-parameter bf16 safetensors checkpoint
@@ -47,13 +47,14 @@ def run_measured(cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
 
 
 def ours(src: Path, target: str, out: Path) -> list[list[str]]:
-    code = ("import sys; from llmops.app.converting import convert; "
-            "convert(sys.argv[1], sys.argv[2], sys.argv[3], verify=False)")
-    return [[sys.executable, "-c", code, str(src), target, str(out)]]
+    """The command a user types: the whole process, interpreter start and imports included."""
+    return [[str(Path(sys.executable).with_name("llmops")), "convert", str(src), "--to", target, "-o", str(out),
+             "--no-verify"]]
 
 
-def reference(script: Path, src: Path, out_f16: Path, quantize_to: Path | None = None) -> list[list[str]]:
-    cmds = [[sys.executable, str(script), str(src), "--outtype", "f16", "--outfile", str(out_f16)]]
+def reference(script: Path, src: Path, out_f16: Path, quantize_to: Path | None = None,
+              outtype: str = "f16") -> list[list[str]]:
+    cmds = [[sys.executable, str(script), str(src), "--outtype", outtype, "--outfile", str(out_f16)]]
     if quantize_to is not None:
         code = ("import sys; from llmops.converters.gguf.quantize import llama_model_quantize; "
                 f"llama_model_quantize(sys.argv[1], sys.argv[2], {FTYPE_Q4_K_M})")
@@ -177,6 +178,9 @@ def main() -> None:
         t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16.gguf"), script.parent)
         t_our, m_our = median_of(args.runs, ours(src, "gguf-f16", wd / "our-f16.gguf"), wd)
         rows.append(("F16", t_our, m_our, "convert_hf_to_gguf.py --outtype f16", t_ref, m_ref))
+        t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-q8.gguf", outtype="q8_0"), script.parent)
+        t_our, m_our = median_of(args.runs, ours(src, "gguf-q8_0", wd / "our-q8.gguf"), wd)
+        rows.append(("Q8_0", t_our, m_our, "convert_hf_to_gguf.py --outtype q8_0", t_ref, m_ref))
         t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16b.gguf", wd / "ref-q4.gguf"),
                                  script.parent)
         t_our, m_our = median_of(args.runs, ours(src, "gguf-q4", wd / "our-q4.gguf"), wd)

@@ -41,7 +41,7 @@ from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
 from llmops.converters.gguf.quantize import (
-    compute_types, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix,
+    compute_types, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix, to_f16,
 )
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
 from llmops.converters.gguf.vocab import add_vocab
@@ -152,11 +152,11 @@ def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarra
             first_row: int = 0, rows_per_matrix: int | None = None) -> np.ndarray:
     via_f16 = base == QT.F16 and qtype != QT.F16  # what llama.cpp's quantizer reads back from the F16 file
     if via_f16 and qtype in (QT.F32, QT.BF16):
-        x = _parallel_rows(x, lambda a: a.astype(np.float16).astype(np.float32), np.float32, threads)
+        x = _parallel_rows(x, lambda a: to_f16(a).astype(np.float32), np.float32, threads)
     if qtype == QT.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == QT.F16:
-        return _parallel_rows(x, lambda a: a.astype(np.float16), np.float16, threads)
+        return _parallel_rows(x, to_f16, np.float16, threads)
     if qtype == QT.BF16:
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
         nan = (u & 0x7FFFFFFF) > 0x7F800000

@@ -16,6 +16,7 @@ which keeps conversion free of the transformers import.
 
 from __future__ import annotations
 
+import itertools
 import json
 from hashlib import sha256
 from pathlib import Path
@@ -107,26 +108,47 @@ def add_vocab(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], *, pr
     raise LLMOpsError(f"{root}: no tokenizer.json or tokenizer.model; a GGUF needs the tokenizer")
 
 
-def _post_processors(root: Path) -> list[dict[str, Any]]:
+def _read_tokenizer_json(root: Path) -> dict[str, Any] | None:
     try:
-        pp = json.loads((root / "tokenizer.json").read_text(encoding="utf-8")).get("post_processor")
-    except (OSError, ValueError, AttributeError):
-        return []
+        tj = json.loads((root / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return tj if isinstance(tj, dict) else None
+
+
+def _post_processors(tokenizer_json: dict[str, Any] | None) -> list[dict[str, Any]]:
+    pp = (tokenizer_json or {}).get("post_processor")
     if not isinstance(pp, dict):
         return []
     procs = pp.get("processors", [pp])
     return [q for q in procs if isinstance(q, dict)] if isinstance(procs, list) else []
 
 
-def _reference_add_flags(sv: gguf.SpecialVocab, root: Path, n_vocab: int) -> None:
+def _merges(tokenizer_json: dict[str, Any] | None) -> list[str]:
+    """The BPE merges as gguf-py's ``SpecialVocab`` writes them (a space inside a part encoded as
+    U+0120), from the tokenizer.json already parsed: gguf-py would parse the file again and
+    rebuild each merge character by character, the largest cost of a small model's conversion."""
+    merges = ((tokenizer_json or {}).get("model") or {}).get("merges")
+    if not isinstance(merges, list) or not merges:
+        return []
+    if isinstance(merges[0], str):
+        return merges
+    if isinstance(merges[0], list) and len(merges[0]) == 2 and isinstance(merges[0][0], str):
+        if " " not in "".join(itertools.chain.from_iterable(merges)):
+            return [" ".join(pair) for pair in merges]
+        shifted = chr(ord(" ") + 256)
+        return [" ".join(part.replace(" ", shifted) for part in pair) for pair in merges]
+    raise LLMOpsError("tokenizer.json: unknown format of the BPE merges")
+
+
+def _reference_add_flags(sv: gguf.SpecialVocab, root: Path, n_vocab: int,
+                         tokenizer_json: dict[str, Any] | None) -> None:
     """The ``add_*_token`` flags as llama.cpp's converter sets them (its gguf-py's ``SpecialVocab``,
     newer than the released package in two rules): a ``ByteLevel`` post-processor says no BOS
     and no EOS unless a later processor says otherwise, and what the post-processors say wins
     over ``tokenizer_config.json``'s ``add_*_token``, whose flags only fill in the rest. The
     order of the flags (the order of their GGUF keys) is the order they are first set in."""
-    import tempfile
-
-    procs = _post_processors(root)
+    procs = _post_processors(tokenizer_json)
     tc = _tokenizer_config(root) or {}
     config_flags = {t: tc[f"add_{t}_token"] for t in sv.special_token_types
                     if isinstance(tc.get(f"add_{t}_token"), bool)}
@@ -137,12 +159,8 @@ def _reference_add_flags(sv: gguf.SpecialVocab, root: Path, n_vocab: int) -> Non
     if procs and not config_flags:
         from_pp = dict(sv.add_special_token)
     elif procs:
-        with tempfile.TemporaryDirectory(prefix="llmops-special-") as tmp:
-            (Path(tmp) / "tokenizer.json").symlink_to((root / "tokenizer.json").absolute())
-            (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(
-                {k: v for k, v in tc.items() if not (k.startswith("add_") and k.endswith("_token"))}),
-                encoding="utf-8")
-            from_pp = dict(gguf.SpecialVocab(tmp, load_merges=False, n_vocab=n_vocab).add_special_token)
+        tc_without_flags = {k: v for k, v in tc.items() if not (k.startswith("add_") and k.endswith("_token"))}
+        from_pp = dict(_special_vocab(root, tokenizer_json, n_vocab, tc_without_flags).add_special_token)
     kinds = [q.get("type") for q in procs]
     flags: dict[str, bool] = {}
     others = [i for i, k in enumerate(kinds) if k in ("TemplateProcessing", "RobertaProcessing")]
@@ -157,9 +175,47 @@ def _reference_add_flags(sv: gguf.SpecialVocab, root: Path, n_vocab: int) -> Non
     sv.add_special_token = flags
 
 
-def _special(writer: gguf.GGUFWriter, root: Path, n_vocab: int, tok: Any | None, load_merges: bool) -> dict[str, Any]:
-    sv = gguf.SpecialVocab(root, load_merges=load_merges, n_vocab=n_vocab)
-    _reference_add_flags(sv, root, n_vocab)
+_SPECIAL_VOCAB_FILES = ("tokenizer_config.json", "config.json", "chat_template.jinja", "chat_template.json",
+                        "additional_chat_templates")
+
+
+def _special_vocab(root: Path, tokenizer_json: dict[str, Any] | None, n_vocab: int,
+                   tokenizer_config: dict[str, Any] | None = None) -> gguf.SpecialVocab:
+    """gguf-py's ``SpecialVocab`` of ``root`` (merges aside), shown a view of the folder whose
+    tokenizer.json holds only what it reads without merges (the added tokens and the
+    post-processor): it would otherwise parse the whole file, megabytes of vocabulary, once
+    more. ``tokenizer_config`` replaces tokenizer_config.json in the view."""
+    import tempfile
+
+    if tokenizer_json is None and tokenizer_config is None:
+        return gguf.SpecialVocab(root, load_merges=False, n_vocab=n_vocab)
+    with tempfile.TemporaryDirectory(prefix="llmops-special-") as tmp:
+        view = Path(tmp)
+        for name in _SPECIAL_VOCAB_FILES:
+            if (root / name).exists():
+                (view / name).symlink_to((root / name).absolute())
+        if tokenizer_json is not None:
+            slim = {k: tokenizer_json[k] for k in ("added_tokens", "post_processor") if k in tokenizer_json}
+            (view / "tokenizer.json").write_text(json.dumps({**slim, "model": {}}), encoding="utf-8")
+        elif (root / "tokenizer.json").exists():
+            (view / "tokenizer.json").symlink_to((root / "tokenizer.json").absolute())
+        if tokenizer_config is not None:
+            (view / "tokenizer_config.json").unlink(missing_ok=True)
+            (view / "tokenizer_config.json").write_text(json.dumps(tokenizer_config), encoding="utf-8")
+        return gguf.SpecialVocab(view, load_merges=False, n_vocab=n_vocab)
+
+
+def _special(writer: gguf.GGUFWriter, root: Path, n_vocab: int, tok: Any | None, load_merges: bool,
+             tokenizer_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    if tokenizer_json is None:
+        tokenizer_json = _read_tokenizer_json(root)
+    sv = _special_vocab(root, tokenizer_json, n_vocab)
+    if load_merges:  # what SpecialVocab(load_merges=True) loads: tokenizer.json's, else merges.txt
+        sv.load_merges = True
+        sv.merges = _merges(tokenizer_json)
+        if not sv.merges:
+            sv._try_load_merges_txt(root)
+    _reference_add_flags(sv, root, n_vocab, tokenizer_json)
     # llama.cpp has per-model defaults for add_bos; write what the HF tokenizer actually does.
     if tok is not None:
         probe = tok.encode("a", add_special_tokens=True).ids
@@ -227,7 +283,7 @@ def _add_bpe(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], tokeni
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    info = _special(writer, root, n_vocab, tok, load_merges=True)
+    info = _special(writer, root, n_vocab, tok, load_merges=True, tokenizer_json=tokenizer_json)
     return {"model": "gpt2", "pre": pre, "pre_source": pre_source, "n_vocab": n_vocab, **info}
 
 

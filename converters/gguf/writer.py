@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import queue
 import struct
 import threading
@@ -29,6 +30,7 @@ from llmops.converters.gguf.quantize import nbytes as q_nbytes
 from llmops.core.errors import LLMOpsError
 
 QT = gguf.GGMLQuantizationType
+_U64 = struct.Struct("<Q")
 
 
 class _Writer(gguf.GGUFWriter):
@@ -53,12 +55,9 @@ class _Writer(gguf.GGUFWriter):
         head = (struct.pack("<I", vtype) if add_vtype else b"")
         if first == gguf.GGUFValueType.STRING and all(isinstance(v, (str, bytes)) for v in val):
             enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
-            lens = np.fromiter((len(e) for e in enc), dtype="<u8", count=len(enc))
-            parts = bytearray(head + struct.pack("<IQ", first, len(val)))
-            for n, e in zip(lens.tolist(), enc):
-                parts += struct.pack("<Q", n)
-                parts += e
-            return bytes(parts)
+            # each string is its u64 length, then its bytes: interleaved by C-level iterators
+            lens = map(_U64.pack, map(len, enc))
+            return head + struct.pack("<IQ", first, len(val)) + b"".join(itertools.chain.from_iterable(zip(lens, enc)))
         if first in self._NP and all(gguf.GGUFValueType.get_type(v) is first for v in val[:1]):
             arr = np.asarray(val, dtype=self._NP[first])
             return head + struct.pack("<IQ", first, len(val)) + arr.tobytes()

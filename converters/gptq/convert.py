@@ -69,6 +69,8 @@ class GPTQResult:
     quantized_bytes: int
     quantized_params: int
     quantized_modules: int
+    foem: float = 0.0
+    gptaq: float = 0.0
     kept_modules: list[str] = field(default_factory=list)  # decoder linear modules left in float16
     kept_bytes: int = 0
     kept_params: int = 0
@@ -131,6 +133,19 @@ def _mse_option(options: dict[str, Any]) -> float:
         return DEFAULT_MSE
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) <= 10:
         raise UsageError(f"GPTQ option mse must be a number from 0 (no scale search) to 10, got {v!r}")
+    return float(v)
+
+
+# FOEM's beta (GPTQModel's ``FOEMConfig``): 0 is plain GPTQ.
+DEFAULT_FOEM = 0.0
+
+
+def _fraction_option(options: dict[str, Any], key: str, default: float) -> float:
+    v = options.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) <= 1:
+        raise UsageError(f"GPTQ option {key} must be a number from 0 (off) to 1, got {v!r}")
     return float(v)
 
 
@@ -198,6 +213,8 @@ def convert_to_gptq(
     keep_outliers = method == "gptq" and _bool_option(options, "keep_outliers", True)
     mse = _mse_option(options) if method == "gptq" else 0.0
     sym = _bool_option(options, "sym", True)
+    foem = _fraction_option(options, "foem", DEFAULT_FOEM) if method == "gptq" else 0.0
+    gptaq = _fraction_option(options, "gptaq", 0.0) if method == "gptq" else 0.0
     damp = _damp_option(options)
     if ckpt.config.get("quantization_config"):
         raise LLMOpsError(f"{ckpt.path}: already quantized ({ckpt.config['quantization_config'].get('quant_method')})"
@@ -238,7 +255,7 @@ def convert_to_gptq(
                 "device": device, "threads": threads, "model_type": plan.model_type,
                 "architecture": plan.architecture, "n_layers": plan.n_layers, "modules_per_layer": len(plan.widths),
                 "module_kinds": list(plan.widths), "keep_outliers": keep_outliers,
-                "mse": mse,
+                "mse": mse, "foem": foem, "gptaq": gptaq,
             }
             if calib is not None:
                 (scratch / "calibration.json").write_text(json.dumps(calib.samples))
@@ -267,7 +284,7 @@ def convert_to_gptq(
                       tensors=tensors,
                       bits=bits, group_size=group,
                       requested_group_size=128 if requested is None else int(requested), act_order=act_order,
-                      sym=sym, damp=damp_used, method=method, mse=mse, plan=plan, calibration=calib,
+                      sym=sym, damp=damp_used, method=method, mse=mse, foem=foem, gptaq=gptaq, plan=plan, calibration=calib,
                       quantized_bytes=q_bytes, quantized_params=q_params, quantized_modules=q_modules,
                       kept_modules=kept, kept_bytes=kept_bytes, kept_params=kept_params,
                       extra={"worker_peak_rss_bytes": worker_rss, "losses": reply.get("losses")})
@@ -327,6 +344,8 @@ class GPTQConverter(ConverterOptions):
                 "sym": res.sym,
                 "damp": res.damp,
                 "mse": res.mse,
+                "foem": res.foem,
+                "gptaq": res.gptaq,
                 "architecture": res.plan.architecture,
                 "model_type": res.plan.model_type,
                 "quantized_modules": res.quantized_modules,

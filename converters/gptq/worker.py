@@ -46,7 +46,7 @@ def run(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     else:
         damp = job.get("damp")
         qc = QuantizeConfig(**common, **({"damp_percent": damp} if damp is not None else {}),
-                            mse=float(job.get("mse") or 0.0))
+                            mse=float(job.get("mse") or 0.0), **_error_feedback(job))
     hook = LayerProgress(say, job["n_layers"], job["modules_per_layer"])
     kept: list[str] = []
     load_kwargs: dict[str, Any] = {"dtype": torch.float32} if device == "cpu" else {}
@@ -67,6 +67,19 @@ def run(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     used = getattr(model.quantize_config, "damp_percent", None)
     return {"damp": None if job["method"] == "rtn" or used is None else float(used), "losses": hook.losses,
             "kept": kept}
+
+
+def _error_feedback(job: dict[str, Any]) -> dict[str, Any]:
+    """GPTQModel's FOEM/GPTAQ settings: the same GPTQ layout, weights solved with a first-order
+    error term (FOEM, ``beta``) and the quantized model's own inputs (GPTAQ, ``alpha``)."""
+    from gptqmodel.quantization.config import FOEMConfig, GPTAQConfig
+
+    beta, alpha = float(job.get("foem") or 0.0), float(job.get("gptaq") or 0.0)
+    if beta > 0:
+        return {"foem": FOEMConfig(alpha=alpha, beta=beta, device=job["device"])}
+    if alpha > 0:
+        return {"gptaq": GPTAQConfig(alpha=alpha, device=job["device"])}
+    return {}
 
 
 def _keep_outliers(qc: Any, samples: list[list[int]], job: dict[str, Any], say: Callable[[str], None]) -> list[str]:

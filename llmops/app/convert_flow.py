@@ -31,8 +31,9 @@ def run_convert(state, *, source: str, target: str, output: str | None, register
         validate_name(register_name, "model name")
     options = {k: v for k, v in (options or {}).items() if v is not None}
     if spec.format != "gptq" and (calibration or {"group_size", "act_order", "sym", "damp", "calibration_samples",
-                                                  "calibration_tokens", "keep_outliers", "mse"} & options.keys()):
-        raise UsageError("--calibration, --group-size, --act-order, --sym/--asym, --damp, --mse, --keep-outliers and "
+                                                  "calibration_tokens", "keep_outliers", "mse", "foem", "gptaq"} & options.keys()):
+        raise UsageError("--calibration, --group-size, --act-order, --sym/--asym, --damp, --mse, --foem, --gptaq, "
+                         "--keep-outliers and "
                          "--calibration-* apply to gptq targets only")
     if spec.format != "gguf" and "imatrix" in options:
         raise UsageError("--imatrix applies to gguf targets only")
@@ -150,5 +151,5 @@ def _register_converted(store, record, name: str, source: str, target: str, devi
 def _extra_tags(record) -> dict[str, str]:  # noqa: ANN001
     """Format-specific version tags (GPTQ's group size, ONNX's execution provider, ...)."""
     keys = ("bits", "group_size", "act_order", "sym", "precision", "execution_provider", "opset", "block_size",
-            "recipe", "keep_outliers", "mse", "linear_bits_per_weight")
+            "recipe", "keep_outliers", "mse", "foem", "gptaq", "linear_bits_per_weight")
     return {k: str(record.parameters[k]) for k in keys if record.parameters.get(k) is not None}

@@ -30,6 +30,9 @@ from llmops.app.output import table
 @click.option("--damp", type=click.FloatRange(0, 1, min_open=True), help="GPTQ dampening fraction.")
 @click.option("--mse", type=click.FloatRange(0, 10), help="GPTQ: search each group's scale for the smallest "
               "rounding error in this p-norm (default 2.4; 0: plain min-max scales).")
+@click.option("--foem", type=click.FloatRange(0, 1), help="GPTQ: FOEM's first-order error compensation, its beta "
+              "(0: plain GPTQ).")
+@click.option("--gptaq", type=click.FloatRange(0, 1), help="GPTQ: GPTAQ's asymmetric calibration, its alpha (0: off).")
 @click.option("--keep-outliers/--no-keep-outliers", default=None, help="GPTQ: leave in float16 the few modules "
               "whose rounding error on the calibration activations is an outlier (default: on).")
 @click.option("--block-size", type=click.IntRange(16), help="onnx-int4/onnx-int8 block size (default 32).")
