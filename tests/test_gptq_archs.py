@@ -8,7 +8,7 @@ CPU kernel) with every decoder linear layer packed, and its logits on a sentence
   test_gptq.py's bound, 3% of the logit range), so the architecture's own steps (Granite's multipliers,
   SmolLM3's RoPE-less layers, Gemma's soft-capping) run as in the source;
 * are clearly closer to the source's than round-to-nearest into the same grid (computed here from the
-  source weights: symmetric 4-bit, the same group size): GPTQ spends the calibration text on exactly
+  source weights: 4-bit, symmetric or not as the folder says, the same group size): GPTQ spends the calibration text on exactly
   this error, and the sentence is from that text (``RTN_FRACTION``);
 * pick the source's next token about as often as RTN does, or more often (``TOP1_SLACK``, ``MIN_TOP1``).
 
@@ -84,19 +84,25 @@ def _logits(model: Any, tokens: Any) -> np.ndarray:
         return model(input_ids=tokens).logits[0].float().numpy()
 
 
-def _rtn_state_dict(src: Path, quantized: set[str], bits: int, group: int) -> dict[str, Any]:
-    """The source's weights with each quantized layer rounded to the nearest point of GPTQ's symmetric grid:
-    per group of ``group`` inputs, step = 2 max|w| / (2^bits - 1), levels -2^(bits-1) .. 2^(bits-1) - 1."""
+def _rtn_state_dict(src: Path, quantized: set[str], bits: int, group: int, sym: bool) -> dict[str, Any]:
+    """The source's weights with each quantized layer rounded to the nearest point of GPTQ's grid, per
+    group of ``group`` inputs: symmetric, step = 2 max|w| / (2^bits - 1) around the middle level;
+    asymmetric, step = (max - min) / (2^bits - 1) from a rounded zero point (both ranges include 0)."""
     import torch
     from safetensors.torch import load_file
 
     sd = load_file(str(src / "model.safetensors"))
     maxq = 2 ** bits - 1
-    zero = (maxq + 1) // 2
     for name in quantized:
         w = sd[name].float()
         g = w.reshape(w.shape[0], -1, group)
-        scale = (2 * g.abs().amax(-1, keepdim=True) / maxq).clamp_min(1e-8)
+        if sym:
+            scale = (2 * g.abs().amax(-1, keepdim=True) / maxq).clamp_min(1e-8)
+            zero = torch.full_like(scale, (maxq + 1) // 2)
+        else:
+            lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
+            scale = ((hi - lo) / maxq).clamp_min(1e-8)
+            zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(g / scale) + zero, 0, maxq)
         sd[name] = ((q - zero) * scale).reshape(w.shape)
     return sd
@@ -143,7 +149,8 @@ def test_gptq_4bit_loads_in_transformers_and_agrees(arch: str, work: Path, calib
     assert np.isfinite(got).all()
     assert np.abs(got - dq).max() < KERNEL_REL * np.abs(dq).max()
 
-    loaded = source.load_state_dict(_rtn_state_dict(src, {f"{n}.weight" for n in packed}, 4, GROUP_SIZE), strict=False)
+    loaded = source.load_state_dict(_rtn_state_dict(src, {f"{n}.weight" for n in packed}, 4, GROUP_SIZE,
+                                                       bool(p["sym"])), strict=False)
     assert not loaded.unexpected_keys
     rtn = _logits(source, tokens)
     err, err_rtn = _rel(got, ref), _rel(rtn, ref)

@@ -27,7 +27,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
 from llmops.converters.gguf.quantize import (
-    compute_types, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix, to_f16,
+    compute_types, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix, thread_pool, to_f16,
 )
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
 from llmops.converters.gguf.vocab import add_vocab
@@ -53,7 +52,7 @@ from llmops.core.progress import Reporter, as_reporter
 QT = gguf.GGMLQuantizationType
 Progress = Callable[[str], None]
 
-CHUNK_BYTES = 16 << 20  # float32 bytes decoded at once for row-wise tensors
+CHUNK_BYTES = 4 << 20  # float32 bytes decoded at once for row-wise tensors (peak RSS: a few of them in flight)
 PREFETCH_CHUNKS = 2  # decoded chunks the reader thread may hold ahead of the quantizer
 
 
@@ -179,17 +178,8 @@ def _parallel_rows(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], dtype:
     def work(a: int) -> None:
         out[a:a + step] = fn(flat[a:a + step])
 
-    list(_pool(threads).map(work, range(0, flat.size, step)))
+    list(thread_pool(threads).map(work, range(0, flat.size, step)))
     return out.reshape(x.shape)
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="llmops-gguf")
-    return _POOLS[n]
 
 
 def default_output_name(md: gguf.Metadata, quant: str) -> str:

@@ -93,6 +93,13 @@ def _ggml() -> ctypes.CDLL:
     return lib
 
 
+@lru_cache(maxsize=None)
+def thread_pool(n: int) -> ThreadPoolExecutor:
+    """One pool of ``n`` threads for the whole conversion: a tensor arrives in thousands of
+    chunks, and starting threads for each would cost more than some chunks' work."""
+    return ThreadPoolExecutor(n, thread_name_prefix="llmops-gguf")
+
+
 @lru_cache(maxsize=1)
 def _ggml_cpu() -> ctypes.CDLL:
     lib = ctypes.CDLL(os.path.join(_lib_dir(), "libggml-cpu.so"))
@@ -169,8 +176,7 @@ def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.nda
     if len(spans) == 1 or threads == 1:
         done = sum(work(a, b) for a, b in spans)
     else:
-        with ThreadPoolExecutor(threads) as ex:
-            done = sum(ex.map(lambda ab: work(*ab), spans))
+        done = sum(thread_pool(threads).map(lambda ab: work(*ab), spans))
     if done != out.size:
         raise LLMOpsError(f"ggml quantizer wrote {done} bytes for {qtype.name}, expected {out.size}")
     return out

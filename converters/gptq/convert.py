@@ -212,7 +212,9 @@ def convert_to_gptq(
     act_order = _bool_option(options, "act_order", False)
     keep_outliers = method == "gptq" and _bool_option(options, "keep_outliers", True)
     mse = _mse_option(options) if method == "gptq" else 0.0
-    sym = _bool_option(options, "sym", True)
+    # Asymmetric by default: the GPTQ layout stores a zero point per group whether or not it is
+    # used, so an asymmetric grid costs no byte more; on SmolLM2 (g64) it lowers the KLD from 0.149 to 0.116.
+    sym = _bool_option(options, "sym", False)
     foem = _fraction_option(options, "foem", DEFAULT_FOEM) if method == "gptq" else 0.0
     gptaq = _fraction_option(options, "gptaq", 0.0) if method == "gptq" else 0.0
     damp = _damp_option(options)

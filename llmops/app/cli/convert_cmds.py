@@ -26,7 +26,7 @@ from llmops.app.output import table
 @click.option("--group-size", type=click.IntRange(-1), help="GPTQ group size (default 128; the largest valid one "
               "when the layer width is not a multiple).")
 @click.option("--act-order", is_flag=True, default=None, help="GPTQ: quantize columns in order of activation size.")
-@click.option("--sym/--asym", default=None, help="GPTQ: symmetric (default) or asymmetric quantization.")
+@click.option("--sym/--asym", default=None, help="GPTQ: symmetric or asymmetric (default) quantization; both store a zero point per group.")
 @click.option("--damp", type=click.FloatRange(0, 1, min_open=True), help="GPTQ dampening fraction.")
 @click.option("--mse", type=click.FloatRange(0, 10), help="GPTQ: search each group's scale for the smallest "
               "rounding error in this p-norm (default 2.4; 0: plain min-max scales).")
