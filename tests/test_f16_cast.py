@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmops.converters.gguf.quantize import to_f16
+from llmops.converters.gguf.quantize import f16_to_f32, to_f16
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -28,3 +28,11 @@ def test_to_f16_keeps_numpys_nan_payloads() -> None:
     nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0x7FA00000, 0xFF812345, 0x3F800000],
                     dtype=np.uint32).view(np.float32)
     assert np.array_equal(_bits(to_f16(nans)), _bits(nans.astype(np.float16)))
+
+
+def test_f16_to_f32_equals_numpy_on_every_half_but_nan() -> None:
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    ours, theirs = f16_to_f32(every), every.astype(np.float32)
+    keep = ~np.isnan(theirs)
+    assert np.array_equal(ours[keep].view(np.uint32), theirs[keep].view(np.uint32))
+    assert np.isnan(ours[~keep]).all()

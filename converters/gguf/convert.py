@@ -40,7 +40,8 @@ from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
 from llmops.converters.gguf.quantize import (
-    compute_types, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix, thread_pool, to_f16,
+    compute_types, f16_to_f32, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix, thread_pool,
+    to_f16,
 )
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
 from llmops.converters.gguf.vocab import add_vocab
@@ -151,7 +152,7 @@ def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarra
             first_row: int = 0, rows_per_matrix: int | None = None) -> np.ndarray:
     via_f16 = base == QT.F16 and qtype != QT.F16  # what llama.cpp's quantizer reads back from the F16 file
     if via_f16 and qtype in (QT.F32, QT.BF16):
-        x = _parallel_rows(x, lambda a: to_f16(a).astype(np.float32), np.float32, threads)
+        x = _parallel_rows(x, lambda a: f16_to_f32(to_f16(a)), np.float32, threads)
     if qtype == QT.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == QT.F16:

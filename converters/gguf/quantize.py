@@ -88,6 +88,8 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_new_tensor.restype = ctypes.c_void_p
     lib.ggml_set_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.ggml_set_name.restype = ctypes.c_void_p
+    lib.ggml_fp16_to_fp32_row.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.ggml_fp16_to_fp32_row.restype = None
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     return lib
@@ -118,6 +120,15 @@ def to_f16(x: np.ndarray) -> np.ndarray:
         return src.astype(np.float16)
     out = np.empty(src.shape, dtype=np.float16)
     _ggml_cpu().ggml_cpu_fp32_to_fp16(src.ctypes.data, out.ctypes.data, src.size)
+    return out
+
+
+def f16_to_f32(x: np.ndarray) -> np.ndarray:
+    """float16 -> float32 with the conversion llama.cpp's quantizer reads an F16 file with
+    (``ggml_fp16_to_fp32_row``): numpy's values for every non-NaN input, half again as fast."""
+    src = np.ascontiguousarray(x, dtype=np.float16)
+    out = np.empty(src.shape, dtype=np.float32)
+    _ggml().ggml_fp16_to_fp32_row(src.ctypes.data, out.ctypes.data, src.size)
     return out
 
 
@@ -158,7 +169,7 @@ def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.nda
         if im is not None:
             w = im[(first_row + a) // rows_per_matrix].ctypes.data
         if via_f16:
-            slab = to_f16(rows2d[a:b]).astype(np.float32)
+            slab = f16_to_f32(to_f16(rows2d[a:b]))
             return lib.ggml_quantize_chunk(int(qtype), slab.ctypes.data, dst + a * rs, 0, b - a, n_per_row, w)
         return lib.ggml_quantize_chunk(int(qtype), src + a * n_per_row * 4, dst + a * rs, 0, b - a, n_per_row, w)
 
