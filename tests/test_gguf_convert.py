@@ -290,3 +290,31 @@ def test_sentencepiece_vocab(tiny, tmp_path: Path) -> None:
     text = "The lazy dog converts 42 models."
     assert runner.tokenize(text).tolist() == [1, *sp.encode(text)]
     assert np.isfinite(runner.logits(runner.tokenize(text))).all()
+
+
+@pytest.mark.parametrize("quant", ["F16", "Q4_K_M"])
+def test_header_scan_equals_gguf_readers(tiny_models, tmp_path: Path, quant: str) -> None:
+    """What registration reads of a GGUF (file type, tensor table) equals gguf-py's reader, whose
+    slow parse it replaces; a truncated header is a one-line error, not a wrong answer."""
+    import gguf
+
+    from llmops.core.artifact_info import describe, scan_gguf
+    from llmops.core.errors import LLMOpsError
+    from llmops.converters.gguf.convert import convert_to_gguf
+    from llmops.core.checkpoint import open_checkpoint
+
+    out = convert_to_gguf(open_checkpoint(tiny_models("llama")), quant, tmp_path / "m.gguf").path
+    values, tensors = scan_gguf(out, ("general.file_type", "general.architecture", "llama.block_count"))
+    r = gguf.GGUFReader(out)
+    assert values["general.architecture"] == "llama" and values["llama.block_count"] == r.fields[
+        "llama.block_count"].parts[-1][0]
+    assert values["general.file_type"] == r.fields["general.file_type"].parts[-1][0]
+    assert tensors == [(t.name, int(t.n_elements), int(t.tensor_type)) for t in r.tensors]
+    info = describe(out)
+    assert info.quant == quant and info.bits_per_weight == round(
+        8 * sum(int(t.n_bytes) for t in r.tensors) / sum(int(t.n_elements) for t in r.tensors), 4)
+    for keep in (5000, out.stat().st_size - 1):  # inside the header; the last tensor's data
+        cut = tmp_path / "cut.gguf"
+        cut.write_bytes(out.read_bytes()[:keep])
+        with pytest.raises(LLMOpsError, match="not a readable GGUF file"):
+            describe(cut)

@@ -43,22 +43,109 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
-def _gguf_info(path: Path) -> Info:
-    from gguf import GGUFReader, LlamaFileType
+# GGUF value types (gguf.GGUFValueType) and the byte sizes of the fixed-size ones
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    reader = GGUFReader(path)
-    ftype = None
-    field = reader.fields.get("general.file_type")
-    if field is not None:
-        ftype = int(field.parts[field.data[0]][0])
+
+def scan_gguf(path: Path, keys: tuple[str, ...] = ("general.file_type",)) -> tuple[dict[str, object],
+                                                                                   list[tuple[str, int, int]]]:
+    """(the scalar or string values of ``keys``, each tensor's (name, elements, ggml type)), read
+    from a little-endian GGUF's header by skipping over everything else.
+
+    Written by hand because gguf-py's ``GGUFReader`` builds a numpy view of every item of every
+    array on opening: for a 49k-token vocabulary (tokens, types, merges) that is two to four
+    seconds, the largest cost of registering a small model, for two numbers. A big-endian file
+    (a byte-swapped version field) raises ``ValueError``; the caller falls back to the reader."""
+    import mmap
+    import struct
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ValueError("no GGUF magic")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
+        if not 2 <= version < 0x10000:
+            raise ValueError(f"GGUF version {version}: byte-swapped or unknown")
+        pos = 24
+        u32, u64 = struct.Struct("<I"), struct.Struct("<Q")
+
+        def string(at: int) -> tuple[bytes, int]:
+            (n,) = u64.unpack_from(mm, at)
+            return mm[at + 8:at + 8 + n], at + 8 + n
+
+        def skip(vtype: int, at: int) -> int:
+            if vtype == _GGUF_STRING:
+                return at + 8 + u64.unpack_from(mm, at)[0]
+            if vtype == _GGUF_ARRAY:
+                itype, count = struct.unpack_from("<IQ", mm, at)
+                at += 12
+                if itype in _GGUF_SCALARS:
+                    return at + count * struct.calcsize(_GGUF_SCALARS[itype])
+                for _ in range(count):
+                    at = skip(itype, at)
+                return at
+            return at + struct.calcsize(_GGUF_SCALARS[vtype])
+
+        values: dict[str, object] = {}
+        alignment = 32  # general.alignment's default
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (vtype,) = u32.unpack_from(mm, pos)
+            pos += 4
+            name = key.decode("utf-8", "replace")
+            if name == "general.alignment" and vtype == 4:
+                alignment = u32.unpack_from(mm, pos)[0] or 32
+            if name in keys and vtype in _GGUF_SCALARS:
+                values[name] = struct.unpack_from(_GGUF_SCALARS[vtype], mm, pos)[0]
+            elif name in keys and vtype == _GGUF_STRING:
+                values[name] = string(pos)[0].decode("utf-8", "replace")
+            pos = skip(vtype, pos)
+        tensors = []
+        data_end = 0
+        for _ in range(n_tensors):
+            tname, pos = string(pos)
+            (n_dims,) = u32.unpack_from(mm, pos)
+            dims = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
+            pos += 4 + 8 * n_dims
+            ttype, offset = struct.unpack_from("<IQ", mm, pos)
+            pos += 12
+            elems = 1
+            for d in dims:
+                elems *= int(d)
+            tensors.append((tname.decode("utf-8", "replace"), elems, int(ttype)))
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(ttype))]
+            data_end = max(data_end, offset + elems // block * size)
+        data_start = -(-pos // alignment) * alignment
+        if data_start + data_end > len(mm):
+            raise EOFError(f"truncated: its tensors need {data_start + data_end} bytes, the file has {len(mm)}")
+    return values, tensors
+
+
+def _gguf_info(path: Path) -> Info:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, LlamaFileType
+
+    try:
+        values, tensors = scan_gguf(path)
+        ftype = values.get("general.file_type")
+        elems = sum(n for _, n, _ in tensors)
+        nbytes = 0
+        for _, n, t in tensors:
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
+            nbytes += n // block * size
+    except ValueError:  # big-endian: gguf-py's reader handles it
+        reader = GGUFReader(path)
+        field = reader.fields.get("general.file_type")
+        ftype = int(field.parts[field.data[0]][0]) if field is not None else None
+        elems = sum(int(t.n_elements) for t in reader.tensors)
+        nbytes = sum(int(t.n_bytes) for t in reader.tensors)
     quant = None
     if ftype is not None:
         try:
-            quant = LlamaFileType(ftype).name.replace("MOSTLY_", "").replace("ALL_", "")
+            quant = LlamaFileType(int(ftype)).name.replace("MOSTLY_", "").replace("ALL_", "")
         except ValueError:
             quant = str(ftype)
-    elems = sum(int(t.n_elements) for t in reader.tensors)
-    nbytes = sum(int(t.n_bytes) for t in reader.tensors)
     return Info("gguf", quant, round(8.0 * nbytes / elems, 4) if elems else None)
 
 
