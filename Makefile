@@ -11,7 +11,7 @@ SHARED_EVAL := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
 export LLMOPS_EVAL_TEXT ?= $(if $(wildcard $(SHARED_EVAL)),$(SHARED_EVAL),)
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install demo test test-fidelity test-slow bench ui clean
+.PHONY: install demo test test-fidelity test-slow bench bench-7b ui clean
 
 install: $(STAMP)
 
@@ -50,6 +50,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_gptq.py
 	$(BIN)/python bench/bench_lineage.py
 	$(BIN)/python bench/bench_register.py
+
+# A synthetic Llama-7B-shaped bf16 checkpoint (32 layers, 13.5 GB, written and removed by the
+# script; about 35 GB of free disk) to gguf-q4 against llama.cpp's two steps, then registering the
+# result against cp + sync: about twenty minutes on 2 cores. LAYERS=N scales it down.
+LAYERS ?= 32
+bench-7b: $(STAMP)
+	$(BIN)/python bench/bench_convert.py --llama7b $(LAYERS)
 
 ui: $(STAMP)
 	$(BIN)/llmops ui

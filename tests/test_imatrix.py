@@ -291,3 +291,37 @@ def test_registered_imatrix_conversion_has_its_calibration_lineage(store_env, ti
     assert text_edge["char_end"] > text_edge["char_offset"] >= 0 and text_edge["imatrix"].startswith("datasets:/imatrix-")
     r = cli("--json", "datasets", "list")
     assert any(d["name"].startswith("imatrix-") for d in r.json()), r.out
+
+
+@pytest.mark.parametrize("store_env", ["sqlite"], indirect=True)
+def test_cli_imatrix_from_registered_dataset(store_env, tiny_models, tmp_path, cli, eval_text_path) -> None:
+    """``--imatrix datasets:/NAME/VERSION``: registered text is computed from, a registered imatrix
+    file is used as it is; either way the version's lineage names that dataset version."""
+    from llmops.core.evaltext import calibration_part, load_eval_text
+
+    tail = tmp_path / "calibration.txt"
+    tail.write_text(calibration_part(load_eval_text(eval_text_path).text)[0][:40000], encoding="utf-8")
+    assert cli("datasets", "add", "calib", tail).code == 0
+    r = cli("--json", "convert", tiny_models("llama"), "--to", "gguf-q4", "-o", tmp_path / "a.gguf", "--no-verify",
+            "--imatrix", "datasets:/calib/1", "--register", "tiny-q4")
+    assert r.code == 0, r.err
+    im = r.json()["parameters"]["imatrix"]
+    assert im["calibration"]["sha256"] == __import__("hashlib").sha256(tail.read_bytes()).hexdigest()
+    up = cli("--json", "lineage", "models:/tiny-q4/1", "--up").json()
+    calibrated = {lab for e in up["edges"] if e["relation"] == "calibrated_with" for n in up["nodes"]
+                  if n["id"] == e["parent"] for lab in n["labels"]}
+    assert "datasets:/calib/1" in calibrated and any(lab.startswith("datasets:/imatrix-") for lab in calibrated)
+    assert cli("datasets", "list").out.count("calib") == 1  # the text was not registered a second time
+
+    matrix = tmp_path / "m.imatrix.gguf"
+    matrix.write_bytes(Path(im["path"]).read_bytes())
+    assert cli("datasets", "add", "im", matrix).code == 0
+    r = cli("--json", "convert", tiny_models("llama"), "--to", "gguf-q4", "-o", tmp_path / "b.gguf", "--no-verify",
+            "--imatrix", "datasets:/im/1", "--register", "tiny-q4")
+    assert r.code == 0, r.err
+    up = cli("--json", "lineage", "models:/tiny-q4/2", "--up").json()
+    calibrated = {lab for e in up["edges"] if e["relation"] == "calibrated_with" for n in up["nodes"]
+                  if n["id"] == e["parent"] for lab in n["labels"]}
+    assert "datasets:/im/1" in calibrated, (calibrated, cli("datasets", "list").out)
+    bad = cli("convert", tiny_models("llama"), "--to", "gguf-q4", "--imatrix", tmp_path / "none.txt")
+    assert bad.code != 0 and "no such file" in bad.err and len(bad.err.strip().splitlines()) == 1

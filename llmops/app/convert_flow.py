@@ -39,7 +39,12 @@ def run_convert(state, *, source: str, target: str, output: str | None, register
         raise UsageError("--imatrix applies to gguf targets only")
     if spec.format != "onnx" and "block_size" in options:
         raise UsageError("--block-size applies to onnx-int4 and onnx-int8 only")
-    store = state.store() if (register_name or is_ref(source) or (calibration and is_ref(calibration))) else None
+    imatrix = options.get("imatrix")
+    imatrix_ref = isinstance(imatrix, str) and is_ref(imatrix)
+    if imatrix is not None and not imatrix_ref and not Path(imatrix).is_file():
+        raise UsageError(f"--imatrix {imatrix}: no such file (a file, or datasets:/NAME/VERSION)")
+    store = (state.store() if (register_name or is_ref(source) or (calibration and is_ref(calibration)) or imatrix_ref)
+             else None)
     if not is_ref(source) and not Path(source).exists():
         raise UsageError(f"{source}: no such file or folder")
     if calibration and not is_ref(calibration) and not Path(calibration).is_file():
@@ -68,6 +73,14 @@ def run_convert(state, *, source: str, target: str, output: str | None, register
             options["calibration_file"] = str(stack.enter_context(datasets.local_copy(store, calibration)))
         elif calibration:
             options["calibration_file"] = str(Path(calibration).resolve())
+        imatrix_info = None
+        if imatrix_ref:
+            # a registered dataset: an imatrix file, or the text to compute one from (a local
+            # copy under the dataset's own file name, so the format is told as for a file)
+            from llmops.registry import datasets
+
+            imatrix_info = datasets.show(store, imatrix)
+            options["imatrix"] = str(stack.enter_context(datasets.local_copy(store, imatrix)))
         record = convert(src_path, spec, output, verify=verify, eval_text=ev.text if (ev and verify) else None,
                          allow_nonfinite=allow_nonfinite, threads=threads, device=device, options=options,
                          progress=say)
@@ -75,14 +88,14 @@ def run_convert(state, *, source: str, target: str, output: str | None, register
         result["registered"] = None
         if register_name:
             result["registered"] = _register_converted(store, record, register_name, source, target, device, threads,
-                                                       ev if verify else None, calib_info, say)
+                                                       ev if verify else None, calib_info, say, imatrix_info)
     keys = ("output", "format", "quant", "sha256", "size_bytes", "seconds", "peak_rss_bytes", "bits_per_weight",
             "verification", "registered", "parameters", "tool_versions", "tensors")
     return {k: result.get(k) for k in keys}
 
 
 def _register_converted(store, record, name: str, source: str, target: str, device: str, threads: int | None,  # noqa: ANN001
-                        ev, calib_info, say: Reporter) -> dict[str, str]:  # noqa: ANN001
+                        ev, calib_info, say: Reporter, imatrix_info=None) -> dict[str, str]:  # noqa: ANN001
     """One registration, all or nothing: the version with its lineage, the calibration and eval
     datasets as inputs of its run, and the verification figures as results (``verify`` protocol)."""
     from llmops.benchmarks.runners import backend_for
@@ -120,14 +133,16 @@ def _register_converted(store, record, name: str, source: str, target: str, devi
         # The importance matrix is stored as a dataset version in llama.cpp's imatrix format (so
         # `llama-quantize --imatrix` can use it too), and the text it was computed from, when
         # computed here, is a second calibrated_with edge with its exact character range.
-        im_info = datasets.add(store, f"imatrix-{imatrix['sha256'][:12]}", Path(imatrix["path"]),
-                               "importance matrix (llama.cpp imatrix format) used by llmops")
+        given = imatrix_info is not None and not isinstance(imatrix.get("calibration"), dict)
+        im_info = imatrix_info if given else datasets.add(
+            store, f"imatrix-{imatrix['sha256'][:12]}", Path(imatrix["path"]),
+            "importance matrix (llama.cpp imatrix format) used by llmops")
         parents.append(ParentSpec(im_info.uri, "calibrated_with",
                                   {"imatrix": im_info.uri, "entries": imatrix.get("entries"),
                                    "chunks": imatrix.get("chunks")}))
         inputs.append((im_info, "calibration"))
         if isinstance(imatrix.get("calibration"), dict):
-            calibration_parent(imatrix["calibration"], None, "calibration text of an importance matrix",
+            calibration_parent(imatrix["calibration"], imatrix_info, "calibration text of an importance matrix",
                                imatrix=im_info.uri)
     evaluations = []
     if record.verification and ev is not None:

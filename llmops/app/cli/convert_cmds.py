@@ -36,8 +36,8 @@ from llmops.app.output import table
 @click.option("--keep-outliers/--no-keep-outliers", default=None, help="GPTQ: leave in float16 the few modules "
               "whose rounding error on the calibration activations is an outlier (default: on).")
 @click.option("--block-size", type=click.IntRange(16), help="onnx-int4/onnx-int8 block size (default 32).")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False), help="GGUF mixes: importance matrix, a "
-              "llama.cpp imatrix file (.gguf or legacy .dat) or calibration text to compute one from.")
+@click.option("--imatrix", help="GGUF mixes: importance matrix, a llama.cpp imatrix file (.gguf or legacy .dat) or "
+              "calibration text to compute one from: a file, or a registered dataset (datasets:/NAME/VERSION).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: all).")
 @click.option("--eval-text", type=click.Path(dir_okay=False), help="Eval text for --verify (default $LLMOPS_EVAL_TEXT).")
