@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+from collections import deque
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,8 +41,8 @@ from llmops.core.checkpoint import Checkpoint
 from llmops.core.tensorfiles import refuse_nonfinite
 from llmops.converters.gguf.arch_base import Family, family_for
 from llmops.converters.gguf.quantize import (
-    compute_types, f16_to_f32, llama_model_quantize, llama_tensor_order, quantize_rows, requires_imatrix, thread_pool,
-    to_f16,
+    compute_types, f16_to_f32, llama_model_quantize, llama_tensor_order, requires_imatrix, submit_quantize_rows,
+    thread_pool, to_f16,
 )
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
 from llmops.converters.gguf.vocab import add_vocab
@@ -55,6 +56,7 @@ Progress = Callable[[str], None]
 
 CHUNK_BYTES = 4 << 20  # float32 bytes decoded at once for row-wise tensors (peak RSS: a few of them in flight)
 PREFETCH_CHUNKS = 2  # decoded chunks the reader thread may hold ahead of the quantizer
+CHUNKS_IN_FLIGHT = 2  # chunks submitted to the quantizer's pool and not yet written
 
 
 @dataclass
@@ -149,10 +151,20 @@ def plan_tensors(ckpt: Checkpoint, family: Family, quant: GGUFQuant) -> list[Pla
 
 
 def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarray | None = None,
-            first_row: int = 0, rows_per_matrix: int | None = None) -> np.ndarray:
+            first_row: int = 0, rows_per_matrix: int | None = None) -> Callable[[], np.ndarray]:
+    """Start encoding one chunk; the returned function waits for its bytes. The plain types are
+    done at once; the quantized ones run on the pool (``submit_quantize_rows``)."""
     via_f16 = base == QT.F16 and qtype != QT.F16  # what llama.cpp's quantizer reads back from the F16 file
     if via_f16 and qtype in (QT.F32, QT.BF16):
         x = _parallel_rows(x, lambda a: f16_to_f32(to_f16(a)), np.float32, threads)
+    if qtype in (QT.F32, QT.F16, QT.BF16):
+        done = _encode_plain(x, qtype, threads)
+        return lambda: done
+    # importance weights per matrix: a stack of experts uses expert e's for rows of expert e
+    return submit_quantize_rows(x, qtype, threads, imatrix, first_row, rows_per_matrix, via_f16=via_f16)
+
+
+def _encode_plain(x: np.ndarray, qtype: QT, threads: int) -> np.ndarray:
     if qtype == QT.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == QT.F16:
@@ -164,8 +176,7 @@ def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarra
         if nan.any():
             r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)  # quiet NaN, as gguf-py does
         return r
-    # importance weights per matrix: a stack of experts uses expert e's for rows of expert e
-    return quantize_rows(x, qtype, threads, imatrix, first_row, rows_per_matrix, via_f16=via_f16)
+    raise AssertionError(f"not a plain type: {qtype.name}")
 
 
 def _parallel_rows(x: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], dtype: Any, threads: int) -> np.ndarray:
@@ -418,19 +429,38 @@ def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out:
         try:
             with rep.phase(phase, total=len(plan), unit="tensor", total_bytes=sum(r["bytes"] for r in table)) as bar:
                 rows = tensor_lines(table)
+                # chunks being encoded, in file order, and the ends of tensors between them: the
+                # next chunk is submitted before the previous one is waited for
+                pending: deque[Callable[[], np.ndarray] | str] = deque()
+                in_flight = 0
+
+                def drain(keep: int) -> None:
+                    nonlocal in_flight
+                    while pending and (in_flight > keep or isinstance(pending[0], str)):
+                        item = pending.popleft()
+                        if isinstance(item, str):
+                            out.end_tensor()
+                            bar.advance(note=item)
+                            continue
+                        in_flight -= 1
+                        encoded = item()
+                        out.write(encoded)
+                        bar.advance(0, nbytes=encoded.nbytes)
+
                 for i, t in enumerate(plan):
                     done_rows = 0  # rows of this tensor already written (which expert's weights apply)
                     for x in chunks:
                         if x is _END:
                             break
-                        encoded = _encode(x, t.qtype, t.base, threads, t.imatrix, done_rows,
-                                          t.shape[-2] if len(t.shape) == 3 else None)
+                        pending.append(_encode(x, t.qtype, t.base, threads, t.imatrix, done_rows,
+                                               t.shape[-2] if len(t.shape) == 3 else None))
+                        in_flight += 1
                         done_rows += x.size // max(1, x.shape[-1]) if x.ndim else 1
-                        out.write(encoded)
-                        bar.advance(0, nbytes=encoded.nbytes)
-                        del x, encoded
-                    out.end_tensor()
-                    bar.advance(note=rows[i])
+                        del x
+                        drain(CHUNKS_IN_FLIGHT - 1)
+                    pending.append(rows[i])
+                    drain(CHUNKS_IN_FLIGHT - 1)
+                drain(0)
         finally:
             chunks.close()  # stops the reader thread
         out.close()

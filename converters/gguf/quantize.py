@@ -24,7 +24,8 @@ import ctypes
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -134,7 +135,19 @@ def f16_to_f32(x: np.ndarray) -> np.ndarray:
 
 def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.ndarray | None = None,
                   first_row: int = 0, rows_per_matrix: int | None = None, *, via_f16: bool = False) -> np.ndarray:
-    """Quantize a C-contiguous float32 array (rows along the last axis) with ggml; returns raw bytes.
+    """Quantize a C-contiguous float32 array (rows along the last axis) with ggml; returns raw bytes
+    (:func:`submit_quantize_rows`, waited for)."""
+    return submit_quantize_rows(data, qtype, threads, imatrix, first_row, rows_per_matrix, via_f16=via_f16)()
+
+
+def submit_quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.ndarray | None = None,
+                         first_row: int = 0, rows_per_matrix: int | None = None, *,
+                         via_f16: bool = False) -> Callable[[], np.ndarray]:
+    """Start quantizing ``data`` on the shared pool; the returned function waits and gives the bytes.
+
+    A converter submits the next chunk before it waits for this one, so the pool's threads never
+    idle at the tail of a chunk (its last span running on one core while the other waits): on a
+    7B checkpoint, thousands of such barriers.
 
     ``imatrix``: the importance of each input column, float32 ``[n_per_row]`` or, for stacked
     experts, ``[n_matrices, n_per_row]``; row ``r`` of ``data`` is row ``first_row + r`` of
@@ -150,7 +163,7 @@ def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.nda
     rs = row_size(qtype, n_per_row)
     out = np.empty(nrows * rs, dtype=np.uint8)
     if nrows == 0:
-        return out
+        return lambda: out
     lib = _ggml()
     im = None
     if imatrix is not None:
@@ -185,12 +198,18 @@ def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.nda
                 a = cut
         spans.append((a, b))
     if len(spans) == 1 or threads == 1:
-        done = sum(work(a, b) for a, b in spans)
+        results: list[Any] = [work(a, b) for a, b in spans]
     else:
-        done = sum(thread_pool(threads).map(lambda ab: work(*ab), spans))
-    if done != out.size:
-        raise LLMOpsError(f"ggml quantizer wrote {done} bytes for {qtype.name}, expected {out.size}")
-    return out
+        pool = thread_pool(threads)
+        results = [pool.submit(work, a, b) for a, b in spans]
+
+    def result() -> np.ndarray:
+        done = sum(r if isinstance(r, int) else r.result() for r in results)
+        if done != out.size:
+            raise LLMOpsError(f"ggml quantizer wrote {done} bytes for {qtype.name}, expected {out.size}")
+        return out  # ``data`` (and its mapping) stays alive in ``work`` until every span is done
+
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
