@@ -557,4 +557,12 @@ def test_recipe_options_are_checked(tiny_models: Callable[[str], Path], tmp_path
         from llmops.converters.gptq.convert import _mse_option
 
         _mse_option({"mse": "high"})
+    r = cli("convert", src, "--to", "gptq-4bit", "--foem", "2", "-o", out, "--no-verify")
+    assert r.code == 2 and "--foem" in r.err, r.err
+    r = cli("convert", src, "--to", "gguf-q4", "--gptaq", "0.25", "-o", out, "--no-verify")
+    assert r.code == 2 and "--gptaq" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    with pytest.raises(LLMOpsError, match="foem must be a number from 0"):
+        from llmops.converters.gptq.convert import _number_option
+
+        _number_option({"foem": True}, "foem", 0.0, 1, "off")
     assert list(out.iterdir()) == []

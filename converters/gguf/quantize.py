@@ -133,17 +133,11 @@ def f16_to_f32(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.ndarray | None = None,
-                  first_row: int = 0, rows_per_matrix: int | None = None, *, via_f16: bool = False) -> np.ndarray:
-    """Quantize a C-contiguous float32 array (rows along the last axis) with ggml; returns raw bytes
-    (:func:`submit_quantize_rows`, waited for)."""
-    return submit_quantize_rows(data, qtype, threads, imatrix, first_row, rows_per_matrix, via_f16=via_f16)()
-
-
 def submit_quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.ndarray | None = None,
                          first_row: int = 0, rows_per_matrix: int | None = None, *,
                          via_f16: bool = False) -> Callable[[], np.ndarray]:
-    """Start quantizing ``data`` on the shared pool; the returned function waits and gives the bytes.
+    """Quantize a C-contiguous float32 array (rows along the last axis) with ggml, on the shared
+    pool; the returned function waits and gives the raw bytes.
 
     A converter submits the next chunk before it waits for this one, so the pool's threads never
     idle at the tail of a chunk (its last span running on one core while the other waits): on a

@@ -127,26 +127,22 @@ def _damp_option(options: dict[str, Any]) -> float | None:
 DEFAULT_MSE = 2.4
 
 
-def _mse_option(options: dict[str, Any]) -> float:
-    v = options.get("mse")
+def _number_option(options: dict[str, Any], key: str, default: float, high: float, meaning: str) -> float:
+    """A number from 0 to ``high`` (``meaning``: what 0 does), or ``default`` when not given."""
+    v = options.get(key)
     if v is None:
-        return DEFAULT_MSE
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) <= 10:
-        raise UsageError(f"GPTQ option mse must be a number from 0 (no scale search) to 10, got {v!r}")
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) <= high:
+        raise UsageError(f"GPTQ option {key} must be a number from 0 ({meaning}) to {high:g}, got {v!r}")
     return float(v)
+
+
+def _mse_option(options: dict[str, Any]) -> float:
+    return _number_option(options, "mse", DEFAULT_MSE, 10, "no scale search")
 
 
 # FOEM's beta (GPTQModel's ``FOEMConfig``): 0 is plain GPTQ.
 DEFAULT_FOEM = 0.0
-
-
-def _fraction_option(options: dict[str, Any], key: str, default: float) -> float:
-    v = options.get(key)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= float(v) <= 1:
-        raise UsageError(f"GPTQ option {key} must be a number from 0 (off) to 1, got {v!r}")
-    return float(v)
 
 
 def source_name(ckpt: Checkpoint) -> str:
@@ -215,8 +211,8 @@ def convert_to_gptq(
     # Asymmetric by default: the GPTQ layout stores a zero point per group whether or not it is
     # used, so an asymmetric grid costs no byte more; on SmolLM2 (g64) it lowers the KLD from 0.149 to 0.116.
     sym = _bool_option(options, "sym", False)
-    foem = _fraction_option(options, "foem", DEFAULT_FOEM) if method == "gptq" else 0.0
-    gptaq = _fraction_option(options, "gptaq", 0.0) if method == "gptq" else 0.0
+    foem = _number_option(options, "foem", DEFAULT_FOEM, 1, "off") if method == "gptq" else 0.0
+    gptaq = _number_option(options, "gptaq", 0.0, 1, "off") if method == "gptq" else 0.0
     damp = _damp_option(options)
     if ckpt.config.get("quantization_config"):
         raise LLMOpsError(f"{ckpt.path}: already quantized ({ckpt.config['quantization_config'].get('quant_method')})"
