@@ -151,24 +151,26 @@ def plan_tensors(ckpt: Checkpoint, family: Family, quant: GGUFQuant) -> list[Pla
 
 
 def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarray | None = None,
-            first_row: int = 0, rows_per_matrix: int | None = None) -> Callable[[], np.ndarray]:
+            first_row: int = 0, rows_per_matrix: int | None = None, finite: bool = False) -> Callable[[], np.ndarray]:
     """Start encoding one chunk; the returned function waits for its bytes. The plain types are
-    done at once; the quantized ones run on the pool (``submit_quantize_rows``)."""
+    done at once; the quantized ones run on the pool (``submit_quantize_rows``). ``finite``: the
+    chunk passed the NaN/Inf check (``to_f16``)."""
     via_f16 = base == QT.F16 and qtype != QT.F16  # what llama.cpp's quantizer reads back from the F16 file
     if via_f16 and qtype in (QT.F32, QT.BF16):
-        x = _parallel_rows(x, lambda a: f16_to_f32(to_f16(a)), np.float32, threads)
+        x = _parallel_rows(x, lambda a: f16_to_f32(to_f16(a, finite=finite)), np.float32, threads)
     if qtype in (QT.F32, QT.F16, QT.BF16):
-        done = _encode_plain(x, qtype, threads)
+        done = _encode_plain(x, qtype, threads, finite)
         return lambda: done
     # importance weights per matrix: a stack of experts uses expert e's for rows of expert e
-    return submit_quantize_rows(x, qtype, threads, imatrix, first_row, rows_per_matrix, via_f16=via_f16)
+    return submit_quantize_rows(x, qtype, threads, imatrix, first_row, rows_per_matrix, via_f16=via_f16,
+                                finite=finite)
 
 
-def _encode_plain(x: np.ndarray, qtype: QT, threads: int) -> np.ndarray:
+def _encode_plain(x: np.ndarray, qtype: QT, threads: int, finite: bool = False) -> np.ndarray:
     if qtype == QT.F32:
         return np.ascontiguousarray(x, dtype=np.float32)
     if qtype == QT.F16:
-        return _parallel_rows(x, to_f16, np.float16, threads)
+        return _parallel_rows(x, lambda a: to_f16(a, finite=finite), np.float16, threads)
     if qtype == QT.BF16:
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
         nan = (u & 0x7FFFFFFF) > 0x7F800000
@@ -423,6 +425,7 @@ def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out:
     """Stream every planned tensor into ``path`` as one progress phase; the tensor table."""
     table = [{"name": name, "shape": list(reversed(shape)), "type": qt.name, "bytes": nb}
              for name, shape, qt, nb in out.plan]
+    checked = not allow_nonfinite  # every checkpoint chunk went through refuse_nonfinite
     try:
         out.open(path)
         chunks = _prefetched(ckpt, family, plan, allow_nonfinite)
@@ -453,7 +456,8 @@ def _write_all(ckpt: Checkpoint, family: Family, plan: list[PlannedTensor], out:
                         if x is _END:
                             break
                         pending.append(_encode(x, t.qtype, t.base, threads, t.imatrix, done_rows,
-                                               t.shape[-2] if len(t.shape) == 3 else None))
+                                               t.shape[-2] if len(t.shape) == 3 else None,
+                                               finite=checked and t.data is None))
                         in_flight += 1
                         done_rows += x.size // max(1, x.shape[-1]) if x.ndim else 1
                         del x

@@ -111,13 +111,16 @@ def _ggml_cpu() -> ctypes.CDLL:
     return lib
 
 
-def to_f16(x: np.ndarray) -> np.ndarray:
+def to_f16(x: np.ndarray, *, finite: bool = False) -> np.ndarray:
     """``x.astype(np.float16)``, the same bits, six times faster: ggml's vectorised conversion
     (F16C/AVX-512 where the CPU has them; numpy's cast is scalar) rounds to nearest even exactly
     as numpy does for every finite value and infinity. NaN payloads are the one difference
-    (ggml quiets them), so an input holding a NaN takes numpy's cast. Releases the GIL."""
+    (ggml quiets them), so an input holding a NaN takes numpy's cast. Releases the GIL.
+
+    ``finite``: the caller has already proved ``x`` holds no NaN (the converter's one check of the
+    source), which spares a pass over it."""
     src = np.ascontiguousarray(x, dtype=np.float32)
-    if np.isnan(np.add.reduce(src, axis=None)):  # also NaN for +inf and -inf together: numpy then, still exact
+    if not finite and np.isnan(np.add.reduce(src, axis=None)):  # also NaN for +inf and -inf together: numpy then, still exact
         return src.astype(np.float16)
     out = np.empty(src.shape, dtype=np.float16)
     _ggml_cpu().ggml_cpu_fp32_to_fp16(src.ctypes.data, out.ctypes.data, src.size)
@@ -135,7 +138,7 @@ def f16_to_f32(x: np.ndarray) -> np.ndarray:
 
 def submit_quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix: np.ndarray | None = None,
                          first_row: int = 0, rows_per_matrix: int | None = None, *,
-                         via_f16: bool = False) -> Callable[[], np.ndarray]:
+                         via_f16: bool = False, finite: bool = False) -> Callable[[], np.ndarray]:
     """Quantize a C-contiguous float32 array (rows along the last axis) with ggml, on the shared
     pool; the returned function waits and gives the raw bytes.
 
@@ -150,7 +153,7 @@ def submit_quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix:
 
     ``via_f16``: quantize what an F16 file of ``data`` holds (what llama.cpp's quantizer reads back
     from convert_hf_to_gguf.py's output). Each thread rounds its own slab, so the round trip runs on
-    every core instead of before the quantizer on one."""
+    every core instead of before the quantizer on one; ``finite`` as for :func:`to_f16`."""
     data = np.ascontiguousarray(data, dtype=np.float32)
     n_per_row = data.shape[-1]
     nrows = data.size // n_per_row if n_per_row else 0
@@ -176,7 +179,7 @@ def submit_quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix:
         if im is not None:
             w = im[(first_row + a) // rows_per_matrix].ctypes.data
         if via_f16:
-            slab = f16_to_f32(to_f16(rows2d[a:b]))
+            slab = f16_to_f32(to_f16(rows2d[a:b], finite=finite))
             return lib.ggml_quantize_chunk(int(qtype), slab.ctypes.data, dst + a * rs, 0, b - a, n_per_row, w)
         return lib.ggml_quantize_chunk(int(qtype), src + a * n_per_row * 4, dst + a * rs, 0, b - a, n_per_row, w)
 
