@@ -19,7 +19,7 @@ from llmops.app.output import emit, log
 from llmops.core.errors import LLMOpsError
 from llmops.core.quiet import silence_import_noise
 
-__all__ = ["cli", "main"]
+__all__ = ["cli", "main", "run"]
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -58,5 +58,34 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{type(exc).__name__}: {exc} (set LLMOPS_DEBUG=1 for a traceback)", 1, json_mode)
 
 
+def run() -> None:
+    """The ``llmops`` console script: :func:`main`, then a quick exit.
+
+    By the time a command returns, everything it wrote is closed and durable (outputs committed
+    by rename and fsync, registry rows by their transactions). What a normal interpreter exit
+    adds is tearing down every module imported: with MLflow, SQLAlchemy and matplotlib loaded,
+    0.3 to 0.7 s, longer than some whole commands. So the exit does what shutdown does that
+    matters (non-daemon threads joined, exit handlers run, streams flushed) and then ends the
+    process without the teardown."""
+    _exit_now(main())
+
+
+def _exit_now(code: int) -> None:
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is None:  # an interpreter without it: the ordinary exit
+        sys.exit(code)
+    shutdown()  # joins non-daemon threads (idle pool workers included), as interpreter exit does first
+    atexit._run_exitfuncs()  # logging.shutdown and the libraries' hooks
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
