@@ -27,7 +27,7 @@ import numpy as np
 
 from llmops.benchmarks.jobs import run_in_child, score_windows
 from llmops.benchmarks.runners import RunnerSpec, backend_for, make_runner
-from llmops.benchmarks.windows import Windows, make_windows
+from llmops.benchmarks.windows import Windows, leading_tokens, make_windows, windows_tokens
 from llmops.benchmarks.metrics import StreamingAccuracy
 from llmops.core.errors import LLMOpsError
 from llmops.core.progress import Reporter, as_reporter, reporting
@@ -97,7 +97,8 @@ def _tokenize_and_score(spec: RunnerSpec, text: str, chunks: int | None, d: Path
     or model load)."""
     if in_process:
         runner = make_runner(spec)
-        win = make_windows(runner.tokenize(text), spec.n_ctx, chunks, runner.add_bos, runner.bos_id)
+        tokens = leading_tokens(runner.tokenize, text, windows_tokens(chunks, spec.n_ctx))
+        win = make_windows(tokens, spec.n_ctx, chunks, runner.add_bos, runner.bos_id)
         out = d / "output.npy"
         nll = score_windows(runner, win.inputs, win.targets, win.first, win.n_ctx - 1,
                             out if keep_logits else None, progress=say, phase=phase)

@@ -64,9 +64,10 @@ def runner_job(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any
     if job["kind"] == "perplexity":
         # Tokenized where it is scored: one interpreter start and one model load, as
         # llama-perplexity does it; the windows go back for the source model to score too.
-        from llmops.benchmarks.windows import make_windows
+        from llmops.benchmarks.windows import leading_tokens, make_windows, windows_tokens
 
-        tokens = runner.tokenize(Path(job["text_file"]).read_text(encoding="utf-8"))
+        tokens = leading_tokens(runner.tokenize, Path(job["text_file"]).read_text(encoding="utf-8"),
+                                windows_tokens(job.get("chunks"), spec.n_ctx))
         win = make_windows(tokens, spec.n_ctx, job.get("chunks"), runner.add_bos, runner.bos_id)
         np.save(job["inputs"], win.inputs)
         np.save(job["targets"], win.targets)
