@@ -21,6 +21,7 @@ def test_to_f16_equals_numpy_on_every_finite_range() -> None:
     with np.errstate(over="ignore"):
         expected = x.astype(np.float16)
     assert np.array_equal(_bits(to_f16(x)), _bits(expected))
+    assert np.array_equal(_bits(to_f16(x, finite=True)), _bits(expected))  # the checked data's path
     assert np.array_equal(_bits(to_f16(x.reshape(-1, 4)[:, :2])), _bits(expected.reshape(-1, 4)[:, :2]))
 
 
@@ -32,7 +33,12 @@ def test_to_f16_keeps_numpys_nan_payloads() -> None:
 
 def test_f16_to_f32_equals_numpy_on_every_half_but_nan() -> None:
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-    ours, theirs = f16_to_f32(every), every.astype(np.float32)
+    theirs = every.astype(np.float32)
     keep = ~np.isnan(theirs)
+    ours = f16_to_f32(every)
     assert np.array_equal(ours[keep].view(np.uint32), theirs[keep].view(np.uint32))
     assert np.isnan(ours[~keep]).all()
+    fast = f16_to_f32(every[keep], finite=True)  # the vectorised path, for halves known not NaN
+    assert np.array_equal(fast.view(np.uint32), theirs[keep].view(np.uint32))
+    for n in range(1, 40):  # every tail length the vectorised loop leaves
+        assert np.array_equal(f16_to_f32(every[:n], finite=True).view(np.uint32), theirs[:n].view(np.uint32))

@@ -157,7 +157,7 @@ def _encode(x: np.ndarray, qtype: QT, base: QT, threads: int, imatrix: np.ndarra
     chunk passed the NaN/Inf check (``to_f16``)."""
     via_f16 = base == QT.F16 and qtype != QT.F16  # what llama.cpp's quantizer reads back from the F16 file
     if via_f16 and qtype in (QT.F32, QT.BF16):
-        x = _parallel_rows(x, lambda a: f16_to_f32(to_f16(a, finite=finite)), np.float32, threads)
+        x = _parallel_rows(x, lambda a: f16_to_f32(to_f16(a, finite=finite), finite=finite), np.float32, threads)
     if qtype in (QT.F32, QT.F16, QT.BF16):
         done = _encode_plain(x, qtype, threads, finite)
         return lambda: done

@@ -106,8 +106,9 @@ def thread_pool(n: int) -> ThreadPoolExecutor:
 @lru_cache(maxsize=1)
 def _ggml_cpu() -> ctypes.CDLL:
     lib = ctypes.CDLL(os.path.join(_lib_dir(), "libggml-cpu.so"))
-    lib.ggml_cpu_fp32_to_fp16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    lib.ggml_cpu_fp32_to_fp16.restype = None
+    for fn in (lib.ggml_cpu_fp32_to_fp16, lib.ggml_cpu_fp16_to_fp32):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
     return lib
 
 
@@ -127,12 +128,23 @@ def to_f16(x: np.ndarray, *, finite: bool = False) -> np.ndarray:
     return out
 
 
-def f16_to_f32(x: np.ndarray) -> np.ndarray:
+def f16_to_f32(x: np.ndarray, *, finite: bool = False) -> np.ndarray:
     """float16 -> float32 with the conversion llama.cpp's quantizer reads an F16 file with
-    (``ggml_fp16_to_fp32_row``): numpy's values for every non-NaN input, half again as fast."""
+    (``ggml_fp16_to_fp32_row``): numpy's values for every non-NaN input, half again as fast.
+
+    ``finite``: ``x`` holds no NaN (it is ``to_f16`` of checked data), so ggml's vectorised
+    conversion (F16C/AVX-512), whose bits differ from the row conversion's in NaN payloads only,
+    does it eight times faster: on a 7B checkpoint a quarter of a minute of CPU."""
     src = np.ascontiguousarray(x, dtype=np.float16)
     out = np.empty(src.shape, dtype=np.float32)
-    _ggml().ggml_fp16_to_fp32_row(src.ctypes.data, out.ctypes.data, src.size)
+    n, done = src.size, 0
+    if finite:
+        # this build's vectorised loop leaves a tail that is not a whole vector unconverted
+        # (measured: every length not a multiple of 4); the row conversion does the tail
+        done = n - n % 16
+        _ggml_cpu().ggml_cpu_fp16_to_fp32(src.ctypes.data, out.ctypes.data, done)
+    if done < n:
+        _ggml().ggml_fp16_to_fp32_row(src.ctypes.data + 2 * done, out.ctypes.data + 4 * done, n - done)
     return out
 
 
@@ -179,7 +191,7 @@ def submit_quantize_rows(data: np.ndarray, qtype: QT, threads: int = 1, imatrix:
         if im is not None:
             w = im[(first_row + a) // rows_per_matrix].ctypes.data
         if via_f16:
-            slab = f16_to_f32(to_f16(rows2d[a:b], finite=finite))
+            slab = f16_to_f32(to_f16(rows2d[a:b], finite=finite), finite=finite)
             return lib.ggml_quantize_chunk(int(qtype), slab.ctypes.data, dst + a * rs, 0, b - a, n_per_row, w)
         return lib.ggml_quantize_chunk(int(qtype), src + a * n_per_row * 4, dst + a * rs, 0, b - a, n_per_row, w)
 
