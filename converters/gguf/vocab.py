@@ -256,29 +256,30 @@ def _add_bpe(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], tokeni
             f"{where}: tokenizer has token id {max(vocab.values())} but config vocab_size is {n_vocab}"
         )
     pre, _, pre_source = choose_pre_tokenizer(tok, tokenizer_json, where, _tokenizer_config(root))
-    reverse = {i: t for t, i in vocab.items()}
     added = tok.get_added_tokens_decoder()
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(n_vocab):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(UNUSED)
+    # every id NORMAL, then the few exceptions patched in: the same lists as going id by id
+    # through the vocabulary, without a Python step for each of its tens of thousands of entries
+    tokens: list[Any] = [None] * n_vocab
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [NORMAL] * n_vocab
+    missing = {i for i, t in enumerate(tokens) if t is None}
+    for i in missing:
+        tokens[i] = f"[PAD{i}]"
+        types[i] = UNUSED
+    for i in sorted(added):
+        if i >= n_vocab or i in missing:
             continue
-        token = reverse[i]
-        if i in added:
-            at = added[i]
-            if not at.normalized:
-                # llama.cpp expects control/user tokens pre-normalized
-                token = tok.decode(tok.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
-            if at.special or _looks_special(token):
-                types.append(CONTROL)
-            else:
-                token = token.replace("\u2581", " ")
-                types.append(USER_DEFINED)
+        token, at = tokens[i], added[i]
+        if not at.normalized:
+            # llama.cpp expects control/user tokens pre-normalized
+            token = tok.decode(tok.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
+        if at.special or _looks_special(token):
+            types[i] = CONTROL
         else:
-            types.append(NORMAL)
-        tokens.append(token)
+            token = token.replace("\u2581", " ")
+            types[i] = USER_DEFINED
+        tokens[i] = token
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

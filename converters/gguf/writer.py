@@ -55,8 +55,13 @@ class _Writer(gguf.GGUFWriter):
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         first = gguf.GGUFValueType.get_type(val[0]) if sub_type is None else sub_type
         head = (struct.pack("<I", vtype) if add_vtype else b"")
-        if first == gguf.GGUFValueType.STRING and all(isinstance(v, (str, bytes)) for v in val):
-            enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
+        if first == gguf.GGUFValueType.STRING:
+            try:
+                enc = list(map(str.encode, val))  # UTF-8; the usual all-str list in one C-level pass
+            except TypeError:
+                if not all(isinstance(v, (str, bytes)) for v in val):
+                    return super()._pack_val(val, vtype, add_vtype, sub_type)
+                enc = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in val]
             # each string is its u64 length, then its bytes: interleaved by C-level iterators
             lens = map(_U64.pack, map(len, enc))
             return head + struct.pack("<IQ", first, len(val)) + b"".join(itertools.chain.from_iterable(zip(lens, enc)))
