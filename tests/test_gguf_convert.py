@@ -154,6 +154,33 @@ def test_two_pass_fallback_matches_one_pass(tiny, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.gguf", "two.gguf"]  # F16 temp removed
 
 
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_small_chunks_write_the_same_file(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          arch: str) -> None:
+    """Tensors streamed a few rows at a time (Q and K in blocks of whole heads, permuted block by
+    block) give the bytes of tensors read whole."""
+    import llmops.converters.gguf.convert as conv
+
+    ckpt = open_checkpoint(tiny(arch))
+    n_head = int(ckpt.config["num_attention_heads"])
+    q = next(n for n in ckpt.names() if n.endswith("q_proj.weight"))
+    rows, cols = ckpt.info(q).shape
+    whole = convert_to_gguf(ckpt, "Q4_K_M", tmp_path / "whole.gguf")
+    monkeypatch.setattr(conv, "CHUNK_BYTES", cols * 4 * (rows // n_head))  # one head's rows a chunk
+    seen: list[tuple[str, int]] = []
+    chunks = conv._tensor_chunks
+
+    def spy(ckpt_, family, src, allow):  # noqa: ANN001, ANN202
+        for x in chunks(ckpt_, family, src, allow):
+            seen.append((src, x.shape[0] if x.ndim else 0))
+            yield x
+
+    monkeypatch.setattr(conv, "_tensor_chunks", spy)
+    small = convert_to_gguf(ckpt, "Q4_K_M", tmp_path / "small.gguf")
+    assert max(n for src, n in seen if src == q) == rows // n_head  # Q did arrive a head at a time
+    assert whole.path.read_bytes() == small.path.read_bytes()
+
+
 def test_gpt2_is_rejected_without_output(tiny, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

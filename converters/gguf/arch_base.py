@@ -126,12 +126,14 @@ class Family:
         its parts in order. The merged name is one gguf-py's tensor map knows."""
         return {}
 
-    def transform(self, name: str, data: np.ndarray, src_dtype: str) -> np.ndarray:
-        """Change a float32 tensor on its way in (whole tensor or a block of whole rows)."""
+    def transform(self, name: str, data: np.ndarray, src_dtype: str, rows: int | None = None) -> np.ndarray:
+        """Change a float32 tensor on its way in: the whole tensor, or a block of whole rows of a
+        tensor of ``rows`` rows (a multiple of :meth:`row_block`)."""
         return data
 
-    def row_block(self, name: str) -> int | None:
-        """Rows of ``name`` that :meth:`transform` needs together (None: the whole tensor)."""
+    def row_block(self, name: str, shape: tuple[int, ...] | None = None) -> int | None:
+        """Rows of ``name`` (of this ``shape``) that :meth:`transform` needs together (None: the
+        whole tensor)."""
         return 1
 
     def extra_tensors(self) -> list[tuple[str, np.ndarray]]:

@@ -23,7 +23,7 @@ class _GemmaBase(Family):
     def skip(self, name: str) -> bool:
         return name == "lm_head.weight" or super().skip(name)
 
-    def transform(self, name: str, data: np.ndarray, src_dtype: str) -> np.ndarray:
+    def transform(self, name: str, data: np.ndarray, src_dtype: str, rows: int | None = None) -> np.ndarray:
         if name.endswith("norm.weight"):
             if src_dtype == "F16":  # the addition happens in the checkpoint's own half precision
                 return (data.astype(np.float16) + np.float16(1)).astype(np.float32)

@@ -32,17 +32,33 @@ def permute_qk(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
 class LlamaFamily(Family):
     model_arch = gguf.MODEL_ARCH.LLAMA
 
-    def transform(self, name: str, data: np.ndarray, src_dtype: str) -> np.ndarray:
+    def _heads(self, name: str) -> int | None:
+        """The heads whose rows ``name`` permutes (Q: attention heads, K: key/value heads), or None."""
         n_head = int(self.find(["num_attention_heads", "n_head"]))
-        n_kv = int(self.find(["num_key_value_heads", "n_kv_heads"], n_head))
         if name.endswith(("q_proj.weight", "q_proj.bias")):
-            return permute_qk(data, n_head, n_head)
+            return n_head
         if name.endswith(("k_proj.weight", "k_proj.bias")):
-            return permute_qk(data, n_head, n_kv)
-        return data
+            return int(self.find(["num_key_value_heads", "n_kv_heads"], n_head))
+        return None
 
-    def row_block(self, name: str) -> int | None:
-        return None if name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")) else 1
+    def transform(self, name: str, data: np.ndarray, src_dtype: str, rows: int | None = None) -> np.ndarray:
+        heads = self._heads(name)
+        if heads is None:
+            return data
+        if rows is not None and rows != data.shape[0]:  # a block of whole heads (row_block)
+            heads = heads * data.shape[0] // rows
+        return permute_qk(data, heads, heads)
+
+    def row_block(self, name: str, shape: tuple[int, ...] | None = None) -> int | None:
+        """A head's rows: each head's rows are permuted among themselves, so Q and K stream in
+        blocks of whole heads like every other tensor (read whole, a 7B layer's Q stalled the
+        quantizer while 64 MB were decoded and permuted)."""
+        heads = self._heads(name)
+        if heads is None:
+            return 1
+        if shape and len(shape) >= 2 and shape[0] % heads == 0 and (shape[0] // heads) % 2 == 0:
+            return shape[0] // heads
+        return None
 
     def add_parameters(self, w: gguf.GGUFWriter) -> None:
         super().add_parameters(w)

@@ -352,7 +352,7 @@ def _tensor_chunks(ckpt: Checkpoint, family: Family, src: str, allow_nonfinite: 
     info = ckpt.info(src)
     shape = info.shape
     rows = shape[0] if len(shape) >= 1 else 1
-    block = family.row_block(src)
+    block = family.row_block(src, shape)
     row_elems = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     if block is None or len(shape) < 2:
         step = rows
@@ -366,7 +366,7 @@ def _tensor_chunks(ckpt: Checkpoint, family: Family, src: str, allow_nonfinite: 
             x = x.reshape(())
         if not allow_nonfinite:
             refuse_nonfinite(src, x, (a, b))
-        yield family.transform(src, x, info.dtype)
+        yield family.transform(src, x, info.dtype, rows)
 
 
 _END = object()  # marks the end of one tensor's chunks in the prefetch queue
