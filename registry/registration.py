@@ -79,12 +79,16 @@ def register(
     sha256: str | None = None,
     evaluations: list[_evaluations.Evaluation] | None = None,
     dataset_inputs: list[tuple[DatasetInfo, str]] | None = None,
+    link: bool = False,
 ) -> VersionInfo:
     """Register the bytes at ``path`` as a new version of ``name``, all or nothing.
 
     ``evaluations`` (figures measured on these bytes, e.g. by ``convert --verify``) become
     benchmark results and ``evaluated_on`` edges in the registration's transaction;
-    ``dataset_inputs`` (dataset version, context) are logged as inputs of its MLflow run."""
+    ``dataset_inputs`` (dataset version, context) are logged as inputs of its MLflow run.
+    ``link``: a local store hard-links the bytes instead of copying them where it can (same
+    filesystem): registration at the speed of one read, the store sharing the file with its
+    owner (``core.hashing.link_file_hashing``)."""
     validate_name(name, "model name")
     src = Path(path).expanduser().resolve()
     if not src.exists():
@@ -101,7 +105,7 @@ def register(
     t0 = time.time()
     # The bytes start moving into the store now, while MLflow is imported and the run created:
     # on a local store the copy (hashed on the way) is most of a large registration's time.
-    early = _EarlyCopy(src, store.settings.artifact_root) if store.settings.tracking_is_local_db else None
+    early = _EarlyCopy(src, store.settings.artifact_root, link) if store.settings.tracking_is_local_db else None
     try:
         store.open()
         size = size_of(src)
@@ -121,7 +125,7 @@ def register(
             early.discard()
         raise
     try:
-        sha, stored, copied = _identify_and_copy(store, src, sha256, run.info.artifact_uri, early)
+        sha, stored, copied = _identify_and_copy(store, src, sha256, run.info.artifact_uri, early, link)
     except BaseException:
         if early is not None:
             early.discard()
@@ -285,7 +289,7 @@ class _EarlyCopy:
     own: started before MLflow is imported and the run exists, moved into the run's folder by a
     rename once it does (same filesystem; a copy across filesystems otherwise)."""
 
-    def __init__(self, src: Path, root: Path) -> None:
+    def __init__(self, src: Path, root: Path, link: bool = False) -> None:
         import tempfile
         import threading
 
@@ -293,6 +297,7 @@ class _EarlyCopy:
         self.dir = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
         self.path = self.dir / src.name
         self._src = src
+        self._link = link
         self._sha: str | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="llmops-register-copy", daemon=True)
@@ -300,7 +305,7 @@ class _EarlyCopy:
 
     def _run(self) -> None:
         try:
-            self._sha = copy_path_hashing(self._src, self.path)
+            self._sha = copy_path_hashing(self._src, self.path, link=self._link)
         except BaseException as exc:  # noqa: BLE001 - re-raised by result()
             self._error = exc
 
@@ -322,7 +327,7 @@ class _EarlyCopy:
 
 
 def _identify_and_copy(store: Store, src: Path, sha256: str | None, artifact_uri: str,
-                       early: _EarlyCopy | None = None) -> tuple[str, Artifact | None, Path | None]:
+                       early: _EarlyCopy | None = None, link: bool = False) -> tuple[str, Artifact | None, Path | None]:
     """(sha256, the stored artifact with these bytes or None, the copy made or None).
 
     A multi-GB artifact must be read once, not hashed and then copied: where the run's artifact
@@ -354,7 +359,7 @@ def _identify_and_copy(store: Store, src: Path, sha256: str | None, artifact_uri
         got = early.result()
         early.move_to(dest)
     else:
-        got = copy_path_hashing(src, dest)
+        got = copy_path_hashing(src, dest, link=link)
     if sha256 is not None and got != sha256:
         raise LLMOpsError(f"{src}: its bytes changed after they were hashed (now sha256 {got[:12]}…, "
                           f"recorded {sha256[:12]}…); nothing registered")

@@ -7,6 +7,7 @@ own client) and the llmops tables must look as if the operation had never starte
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
@@ -269,3 +270,45 @@ def test_registration_copies_once_and_refuses_bytes_changed_since_hashed(store_e
     assert len(stored) == 1 and stored[0].read_bytes() == blob.read_bytes()
     again = register(store, blob, "changed")  # the same bytes: one stored copy
     assert again.version == "2" and len(list((store_env.store_dir / "artifacts").rglob("model.gguf"))) == 1
+
+
+def test_link_registers_one_file_and_verify_sees_it_changed_in_place(store_env, tmp_path, cli) -> None:
+    """``--link``: the store's bytes are the file itself (no second copy), found through MLflow's
+    own client; rewriting the file in place is then a changed version, which verify reports."""
+    import os
+
+    from llmops.core.hashing import sha256_path
+
+    blob = tmp_path / "model.bin"
+    blob.write_bytes(os.urandom(3 << 20))
+    r = cli("--json", "models", "register", str(blob), "--name", "linked", "--link")
+    assert r.code == 0, r.err
+    stored = [p for p in (store_env.store_dir / "artifacts").rglob("model.bin")]
+    assert len(stored) == 1 and os.path.samefile(stored[0], blob)
+    assert r.json()["sha256"] == sha256_path(blob)
+    mv = _client(store_env).get_model_version("linked", "1")
+    assert mv.tags["sha256"] == r.json()["sha256"]
+    assert cli("verify", "models:/linked/1").code == 0
+    with open(blob, "r+b") as f:  # an in-place rewrite (what llama-quantize does to its output)
+        f.write(b"\0" * 16)
+    assert cli("verify", "models:/linked/1").code == 1
+
+
+def test_link_across_filesystems_copies(store_env, tmp_path) -> None:
+    """Where no hard link can be made (here: a file on another filesystem), the bytes are copied."""
+    import os
+    import shutil
+    import tempfile
+
+    from llmops.core.hashing import copy_path_hashing, sha256_path
+
+    other = Path(tempfile.mkdtemp(dir="/dev/shm")) if Path("/dev/shm").is_dir() else None
+    if other is None or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem here")
+    try:
+        src = other / "model.bin"
+        src.write_bytes(os.urandom(1 << 20))
+        digest = copy_path_hashing(src, tmp_path / "copy.bin", link=True)
+        assert digest == sha256_path(src) and not os.path.samefile(src, tmp_path / "copy.bin")
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

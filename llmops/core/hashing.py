@@ -17,14 +17,29 @@ from llmops.core.atomic import start_writeback
 CHUNK = 1 << 20
 
 
+MAP_WINDOW = 64 << 20
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, hashed where they lie in the page cache: mapped a window at a
+    time (each window's pages mapped in one go), not read into Python objects first, a copy of
+    the whole file that cost a fifth of the hash's time."""
+    import mmap
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            block = f.read(CHUNK)
-            if not block:
-                break
-            h.update(block)
+        size = os.fstat(f.fileno()).st_size
+        try:
+            for off in range(0, size, MAP_WINDOW):
+                with mmap.mmap(f.fileno(), min(MAP_WINDOW, size - off), offset=off, prot=mmap.PROT_READ,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mm:
+                    h.update(mm)
+            return h.hexdigest()
+        except (OSError, ValueError):  # not mappable (a pipe, a special file): read it
+            h = hashlib.sha256()
+            f.seek(0)
+            while block := f.read(CHUNK):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -158,19 +173,40 @@ def _copy_blocks(fin, fout, blocks) -> None:  # noqa: ANN001 - open binary files
         blocks.put(block)
 
 
-def copy_path_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, fsync: bool = True) -> str:
+def link_file_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> str | None:
+    """Hard-link ``src`` at ``dst`` and return the sha256 of its bytes: no byte moves and the file
+    is read once, to hash it. None where no link can be made (another filesystem, one without
+    hard links), for the caller to copy instead. The two names are then one file: a change to
+    it in place (not a rewrite under a new name) changes both, which a hash check then reports."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        return None
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the bytes are the store's now: on disk before the name is recorded
+    finally:
+        os.close(fd)
+    return sha256_file(dst)
+
+
+def copy_path_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, fsync: bool = True,
+                      link: bool = False) -> str:
     """Copy a file or folder to ``dst`` (which must not exist) and return ``sha256_path`` of it,
-    reading each source byte once."""
+    reading each source byte once. ``link``: hard-link each file instead where the filesystem
+    allows (``link_file_hashing``), copying the rest."""
     s, d = Path(src), Path(dst)
     if not s.is_dir():
         d.parent.mkdir(parents=True, exist_ok=True)
+        if link and (digest := link_file_hashing(s, d)) is not None:
+            return digest
         return copy_file_hashing(s, d, fsync=fsync)
     entries = []
     for p in sorted(s.rglob("*")):
         if p.is_file() and not p.is_symlink():
             rel = p.relative_to(s)
             (d / rel).parent.mkdir(parents=True, exist_ok=True)
-            digest = copy_file_hashing(p, d / rel, fsync=fsync)
+            digest = (link_file_hashing(p, d / rel) if link else None) or copy_file_hashing(p, d / rel, fsync=fsync)
             entries.append({"path": rel.as_posix(), "size": (d / rel).stat().st_size, "sha256": digest})
     manifest = json.dumps(entries, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(manifest.encode()).hexdigest()

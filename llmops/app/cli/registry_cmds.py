@@ -33,8 +33,13 @@ def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
 @click.option("--name", required=True, help="Registered model name.")
 @click.option("--from", "from_", multiple=True, help="What it was made from: a path or models:/NAME/VERSION.")
 @click.option("--tag", "tags", multiple=True, help="KEY=VALUE tag on the version (repeatable).")
+@click.option("--link", is_flag=True,
+              help="Hard-link the bytes into a local store instead of copying them (same filesystem; a "
+                   "copy otherwise): one read, no second copy on disk. The store then shares the file: "
+                   "rewrite it under a new name, never in place, or `llmops verify` reports the version "
+                   "changed.")
 @common
-def models_register(path: str, name: str, from_: tuple[str, ...], tags: tuple[str, ...]) -> None:
+def models_register(path: str, name: str, from_: tuple[str, ...], tags: tuple[str, ...], link: bool) -> None:
     """Register PATH (a file or folder) as a new version of model NAME."""
     from llmops.core.artifact_info import describe
     from llmops.registry.refs import validate_name
@@ -48,7 +53,7 @@ def models_register(path: str, name: str, from_: tuple[str, ...], tags: tuple[st
     log(f"registering {path} as {name} ({info.format}{' ' + info.quant if info.quant else ''})")
     v = register(_state().store(), path, name, fmt=info.format, quant=info.quant,
                  bits_per_weight=info.bits_per_weight, tags=_parse_tags(tags),
-                 parents=[ParentSpec(f) for f in from_], command="register")
+                 parents=[ParentSpec(f) for f in from_], command="register", link=link)
     out(v.to_dict(), lambda d: f"registered {d['uri']} (sha256 {d['sha256'][:16]}…, {d['size_bytes']} bytes)")
 
 
