@@ -124,6 +124,9 @@ def register(
         if early is not None:
             early.discard()
         raise
+    from llmops.registry.pictures import preload
+
+    preload()  # the lineage picture's imports, while the bytes are copied and hashed
     try:
         sha, stored, copied = _identify_and_copy(store, src, sha256, run.info.artifact_uri, early, link)
     except BaseException:
