@@ -97,7 +97,7 @@ def score_windows(runner: LogitsRunner, inputs: np.ndarray, targets: np.ndarray,
     nll = np.empty(targets.shape, dtype=np.float64)
     with as_reporter(progress).phase(phase, total=int(inputs.shape[0]), unit="chunk") as bar:
         for i in range(inputs.shape[0]):
-            lg = runner.logits(inputs[i], first, last)
+            lg = runner.logits(inputs[i], first, last, view=True)  # used up before the next window
             nll[i] = token_nll(lg, targets[i])
             if keep is not None:
                 keep[i] = lg

@@ -45,15 +45,24 @@ class LlamaCppRunner:
         # add_special=True: BOS only if the vocabulary asks for it; specials in the text are plain text
         return np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)
 
-    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None, *, view: bool = False) -> np.ndarray:
         """Decode through llama.cpp's batch API directly: ``Llama.eval`` asks for logits at
         every position (or only the last) and copies them twice, while llama-perplexity flags
-        only the scored positions, so llama.cpp skips the output projection for the rest."""
+        only the scored positions, so llama.cpp skips the output projection for the rest.
+        ``view`` and one batch (a perplexity window): llama.cpp's own output buffer, valid until
+        the next decode, instead of a fresh 50 MB array written once more (a 49k vocabulary)."""
         tokens = np.asarray(tokens, dtype=np.int32)
         n = len(tokens)
         last = n if last is None else last
         ctx, batch, n_batch = self.llm._ctx, self.llm._batch, self.llm.n_batch
         ctx.kv_cache_clear()
+        if view and n <= n_batch and last > first:
+            batch.set_batch(batch=tokens.tolist(), n_past=0, logits_all=False)
+            flags = batch.batch.logits
+            for i in range(n):
+                flags[i] = first <= i < last
+            ctx.decode(batch)
+            return np.ctypeslib.as_array(ctx.get_logits(), shape=(last - first, self.vocab_size))
         out = np.empty((last - first, self.vocab_size), dtype=np.float32)
         row = 0
         for start in range(0, n, n_batch):

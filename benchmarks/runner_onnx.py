@@ -154,7 +154,7 @@ class OnnxRunner(HFTokenizerMixin):
                 feeds[i.name] = np.zeros(shape, dtype=dtype)
         return feeds
 
-    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None, *, view: bool = False) -> np.ndarray:
         # the builder's graph projects every position; there is no input to skip some
         out = self.session.run(self.output_names, self.feeds(np.asarray(tokens)))[0]
         return np.asarray(out[0, first:last], dtype=np.float32)

@@ -22,7 +22,7 @@ class TorchLogitsMixin:
             torch.set_num_threads(threads)
         self.torch = torch
 
-    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None, *, view: bool = False) -> np.ndarray:
         torch = self.torch
         n = len(tokens)
         last = n if last is None else last

@@ -38,11 +38,12 @@ class LogitsRunner(Protocol):
         """The ids the artifact's own tokenizer gives ``text`` (BOS first only if it adds one)."""
         ...
 
-    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None) -> np.ndarray:
+    def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None, *, view: bool = False) -> np.ndarray:
         """[last - first, vocab] float32 logits at positions ``first..last-1`` of one sequence
         evaluated from an empty cache (all positions by default). Perplexity scores only the
         second half of each window, so a runner that can skip the output projection for the
-        other positions should."""
+        other positions should. ``view``: the caller is done with the array before its next call,
+        so a runner may hand out its own buffer instead of a copy."""
         ...
 
 
