@@ -56,14 +56,8 @@ class LlamaCppRunner:
         last = n if last is None else last
         ctx, batch, n_batch = self.llm._ctx, self.llm._batch, self.llm.n_batch
         ctx.kv_cache_clear()
-        if view and n <= n_batch and last > first:
-            batch.set_batch(batch=tokens.tolist(), n_past=0, logits_all=False)
-            flags = batch.batch.logits
-            for i in range(n):
-                flags[i] = first <= i < last
-            ctx.decode(batch)
-            return np.ctypeslib.as_array(ctx.get_logits(), shape=(last - first, self.vocab_size))
-        out = np.empty((last - first, self.vocab_size), dtype=np.float32)
+        single = view and n <= n_batch  # one decode makes every row asked for: hand out its buffer
+        out = None if single else np.empty((last - first, self.vocab_size), dtype=np.float32)
         row = 0
         for start in range(0, n, n_batch):
             part = tokens[start:start + n_batch]
@@ -79,9 +73,11 @@ class LlamaCppRunner:
             ctx.decode(batch)
             if wanted:
                 got = np.ctypeslib.as_array(ctx.get_logits(), shape=(wanted, self.vocab_size))
+                if out is None:
+                    return got
                 out[row:row + wanted] = got
                 row += wanted
-        return out
+        return out if out is not None else np.empty((0, self.vocab_size), dtype=np.float32)
 
 
 def extra_bufts_ok() -> bool:

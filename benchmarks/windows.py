@@ -58,7 +58,6 @@ def make_windows(tokens: np.ndarray, n_ctx: int, chunks: int | None, add_bos: bo
     return Windows(inputs, targets, first, n_ctx, len(tokens))
 
 
-
 def windows_tokens(chunks: int | None, n_ctx: int) -> int | None:
     """Tokens ``make_windows`` uses of a long enough text (None: all of them)."""
     return None if chunks is None or chunks < 0 else chunks * n_ctx

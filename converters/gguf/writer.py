@@ -80,12 +80,9 @@ class StreamingGGUFWriter:
         self._f: BinaryIO | None = None
         self._i = 0
         self._written = 0
-        # file writes happen on a background thread so encoding the next block overlaps them, and
-        # hashing on another: SHA-256 of a stream runs on one core, as long as the writes together
+        # file writes happen on a background thread so encoding the next block overlaps them
         self._q: queue.Queue[Any] = queue.Queue(maxsize=4)
-        self._hq: queue.Queue[Any] = queue.Queue(maxsize=4)
         self._thread: threading.Thread | None = None
-        self._hasher: threading.Thread | None = None
         self._error: BaseException | None = None
         self._hash = hashlib.sha256()
 
@@ -108,8 +105,6 @@ class StreamingGGUFWriter:
             self._hash.update(hf.read(self._pos))
         self._thread = threading.Thread(target=self._drain, name="llmops-gguf-writer", daemon=True)
         self._thread.start()
-        self._hasher = threading.Thread(target=self._hash_all, name="llmops-gguf-hash", daemon=True)
-        self._hasher.start()
         self._pad()
 
     def _drain(self) -> None:
@@ -119,12 +114,11 @@ class StreamingGGUFWriter:
         while True:
             item = self._q.get()
             if item is None:
-                self._hq.put(None)
                 return
             if self._error is None:
                 try:
                     self._f.write(item)
-                    self._hq.put(item)
+                    self._hash.update(item)
                     written += len(item)
                     if written - synced >= WRITEBACK_BYTES:
                         self._f.flush()
@@ -132,10 +126,6 @@ class StreamingGGUFWriter:
                         synced = written
                 except BaseException as e:  # noqa: BLE001 - re-raised in the producer
                     self._error = e
-
-    def _hash_all(self) -> None:
-        while (item := self._hq.get()) is not None:
-            self._hash.update(item)
 
     def _put(self, item: Any) -> None:
         if self._error is not None:
@@ -167,9 +157,6 @@ class StreamingGGUFWriter:
             self._q.put(None)
             self._thread.join()
             self._thread = None
-        if self._hasher is not None:
-            self._hasher.join()
-            self._hasher = None
 
     def end_tensor(self) -> None:
         name, _, _, n = self.plan[self._i]

@@ -11,29 +11,35 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from llmops.core.atomic import start_writeback
 
 CHUNK = 1 << 20
-
-
 MAP_WINDOW = 64 << 20
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes, hashed where they lie in the page cache: mapped a window at a
-    time (each window's pages mapped in one go), not read into Python objects first, a copy of
-    the whole file that cost a fifth of the hash's time."""
+def _hash_mapped(h: Any, fd: int, off: int, n: int) -> None:
+    """Add bytes ``[off, off + n)`` of ``fd`` to ``h`` where they lie in the page cache: no copy
+    into Python bytes (a memcpy of the whole file, a fifth of the hash's time), and the range's
+    pages mapped in one go (``MAP_POPULATE``): faulting them in one by one took more CPU than the
+    hash itself and made a 4 GiB registration 3x slower."""
     import mmap
 
+    start = off - off % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, off + n - start, offset=start, prot=mmap.PROT_READ,
+                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mm, memoryview(mm) as view:
+        h.update(view[off - start:])
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, hashed a mapped window at a time (``_hash_mapped``)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         try:
             for off in range(0, size, MAP_WINDOW):
-                with mmap.mmap(f.fileno(), min(MAP_WINDOW, size - off), offset=off, prot=mmap.PROT_READ,
-                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mm:
-                    h.update(mm)
+                _hash_mapped(h, f.fileno(), off, min(MAP_WINDOW, size - off))
             return h.hexdigest()
         except (OSError, ValueError):  # not mappable (a pipe, a special file): read it
             h = hashlib.sha256()
@@ -100,7 +106,6 @@ def copy_file_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     is of the bytes stored and costs no second pass; on a filesystem with reflinks the copy
     shares extents and only the hash reads. Where the kernel cannot copy between the two files,
     blocks go through user space, hashed on the way."""
-    import mmap
     import threading
     from queue import Queue
 
@@ -117,16 +122,7 @@ def copy_file_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
             try:
                 while (b := blocks.get()) is not None:
                     if isinstance(b, tuple):  # (offset, length) of a block the kernel copied
-                        off, n = b
-                        # hashed in place from the page cache through a mapping: no copy into
-                        # Python bytes (a memcpy of the whole file, a fifth of the hash's time)
-                        # MAP_POPULATE maps the block's pages in one go: faulting them in one by one
-                        # took more CPU than the hash itself and made a 4 GiB registration 3x slower
-                        start = off - off % mmap.ALLOCATIONGRANULARITY
-                        with mmap.mmap(fout.fileno(), off + n - start, offset=start, prot=mmap.PROT_READ,
-                                       flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mm:
-                            with memoryview(mm) as view:
-                                h.update(view[off - start:])
+                        _hash_mapped(h, fout.fileno(), *b)
                     else:
                         h.update(b)
             except BaseException as exc:  # noqa: BLE001 - re-raised by the copying thread
