@@ -103,25 +103,27 @@ class StreamingGGUFWriter:
         self._f.flush()
         with open(path, "rb") as hf:
             self._hash.update(hf.read(self._pos))
-        self._thread = threading.Thread(target=self._drain, name="llmops-gguf-writer", daemon=True)
+        # the thread gets the file itself: an abort (Ctrl-C) may close it and clear ``self._f``
+        # before the new thread has run its first line
+        self._thread = threading.Thread(target=self._drain, args=(self._f, self._f.fileno(), self._pos),
+                                        name="llmops-gguf-writer",
+                                        daemon=True)
         self._thread.start()
         self._pad()
 
-    def _drain(self) -> None:
-        assert self._f is not None
-        fd = self._f.fileno()
-        synced = written = self._f.tell()
+    def _drain(self, f: BinaryIO, fd: int, start: int) -> None:
+        synced = written = start
         while True:
             item = self._q.get()
             if item is None:
                 return
             if self._error is None:
                 try:
-                    self._f.write(item)
+                    f.write(item)
                     self._hash.update(item)
                     written += len(item)
                     if written - synced >= WRITEBACK_BYTES:
-                        self._f.flush()
+                        f.flush()
                         start_writeback(fd, synced, written - synced)
                         synced = written
                 except BaseException as e:  # noqa: BLE001 - re-raised in the producer
