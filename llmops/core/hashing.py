@@ -83,6 +83,8 @@ def sha256_text(text: str) -> str:
 # -- copying with the hash ---------------------------------------------------------
 _FICLONE = 0x40049409  # Linux ioctl: share the source's extents (btrfs, XFS, bcachefs); no bytes move
 COPY_BLOCK = 8 << 20
+DIRECT_MIN = 16 << 20  # smaller files go through the page cache: a direct write waits for the device
+DIRECT_ALIGN = 4096  # a multiple of every device's logical block size that direct I/O asks for
 
 
 def _reflink(src_fd: int, dst_fd: int) -> bool:
@@ -104,8 +106,10 @@ def copy_file_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
     trip through user space, as ``cp`` does it) while a second thread hashes each block already
     copied, read back from the destination's page cache (hashlib releases the GIL), so the hash
     is of the bytes stored and costs no second pass; on a filesystem with reflinks the copy
-    shares extents and only the hash reads. Where the kernel cannot copy between the two files,
-    blocks go through user space, hashed on the way."""
+    shares extents and only the hash reads; a large file goes by direct I/O (``_copy_direct``:
+    hashed from the source's page cache, written from it by the device, no copy by the CPU).
+    Where the kernel cannot copy between the two files, blocks go through user space, hashed on
+    the way."""
     import threading
     from queue import Queue
 
@@ -115,6 +119,9 @@ def copy_file_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
             if fsync:
                 os.fsync(fout.fileno())
             return sha256_file(dst)
+        size = os.fstat(fin.fileno()).st_size
+        if size >= DIRECT_MIN and (digest := _copy_direct(fin.fileno(), fout.fileno(), size, fsync, src)) is not None:
+            return digest
         blocks: Queue[tuple[int, int] | bytes | None] = Queue(maxsize=8)
         failure: list[BaseException] = []
 
@@ -142,6 +149,96 @@ def copy_file_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
             worker.join()
         if failure:
             raise failure[0]
+    return h.hexdigest()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _copy_direct(fin: int, fout: int, size: int, fsync: bool, src: str | os.PathLike[str]) -> str | None:
+    """Copy with direct I/O from the source's page cache: each window of the source is mapped,
+    hashed, and written to ``fout`` straight from the mapping (``O_DIRECT``: the device reads the
+    pages itself), so the bytes are read once, by the hash, and never copied by the CPU. The
+    kernel copy moves every byte through a memcpy into newly allocated page cache, which costs
+    as much CPU as the hash (4 GiB: 2.3 s) and, on a virtual machine whose free memory goes back
+    to its host, page faults in the host besides (a 4 GiB copy measured 5.5-7.8 s against 2.8 s
+    here). Not a whole block at the end: written through the page cache.
+
+    The destination holds the hashed bytes unless the source changed meanwhile (hash and write
+    read it at different moments): a changed size or time stamp fails the copy. None where the
+    filesystem takes no direct I/O (the caller copies through the page cache)."""
+    import errno
+    import fcntl
+    import mmap
+    import threading
+    from queue import Queue
+
+    from llmops.core.errors import LLMOpsError
+
+    flags = fcntl.fcntl(fout, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fout, fcntl.F_SETFL, flags | os.O_DIRECT)
+    except OSError:
+        return None
+    before = _identity(os.fstat(fin))
+    h = hashlib.sha256()
+    windows: Queue[tuple[mmap.mmap, int, int] | None] = Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def write(mm: mmap.mmap, off: int, n: int) -> None:
+        with memoryview(mm) as view:
+            body, done = n - n % DIRECT_ALIGN, 0
+            while done < body:
+                done += os.pwrite(fout, view[done:body], off + done)
+            if body < n:
+                fcntl.fcntl(fout, fcntl.F_SETFL, flags)
+                while body < n:
+                    body += os.pwrite(fout, view[body:n], off + body)
+
+    def writer() -> None:
+        while (item := windows.get()) is not None:
+            mm, off, n = item
+            try:
+                if not failure:
+                    write(mm, off, n)
+            except BaseException as exc:  # noqa: BLE001 - handled by the hashing thread
+                failure.append(exc)
+            finally:
+                mm.close()
+
+    worker = threading.Thread(target=writer, name="llmops-direct-write", daemon=True)
+    worker.start()
+    try:
+        for off in range(0, size, MAP_WINDOW):
+            if failure:
+                break
+            n = min(MAP_WINDOW, size - off)
+            try:
+                mm = mmap.mmap(fin, n, offset=off, prot=mmap.PROT_READ,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            except (OSError, ValueError):
+                if off:
+                    raise
+                failure.append(OSError(errno.EINVAL, "not mappable"))
+                break
+            with memoryview(mm) as view:
+                h.update(view)
+            windows.put((mm, off, n))
+    finally:
+        windows.put(None)
+        worker.join()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, OSError) and exc.errno == errno.EINVAL:  # the device wants other alignment
+            fcntl.fcntl(fout, fcntl.F_SETFL, flags)
+            os.ftruncate(fout, 0)
+            return None
+        raise exc
+    if fsync:
+        os.fsync(fout)
+    if _identity(os.fstat(fin)) != before:
+        raise LLMOpsError(f"{src} changed while it was being copied; nothing was stored")
     return h.hexdigest()
 
 
