@@ -20,11 +20,14 @@ class GGUFConverter(ConverterOptions):
 
     def write(self, ckpt: Any, target: TargetSpec, output: Path | None, progress: Callable[[str], None]) -> Any:
         from llmops.converters.gguf.convert import convert_to_gguf
-        from llmops.converters.gguf.imatrix import request_from_options
 
+        imatrix = None
+        if target.options.get("imatrix"):  # the module only when asked for (a small conversion's 1 %)
+            from llmops.converters.gguf.imatrix import request_from_options
+
+            imatrix = request_from_options(target.options)
         return convert_to_gguf(ckpt, target.quant, output, allow_nonfinite=self.allow_nonfinite, commit=False,
-                               threads=self.threads, progress=progress,
-                               imatrix=request_from_options(target.options))
+                               threads=self.threads, progress=progress, imatrix=imatrix)
 
     def describe(self, ckpt: Any, target: TargetSpec, res: Any, seconds: float) -> ArtifactRecord:
         from llmops.core.hashing import sha256_file
