@@ -62,9 +62,16 @@ def reference(script: Path, src: Path, out_f16: Path, quantize_to: Path | None =
     return cmds
 
 
-def median_of(runs: int, cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
-    res = [run_measured(cmds, cwd) for _ in range(runs)]
-    return statistics.median(r[0] for r in res), int(statistics.median(r[1] for r in res))
+def paired(runs: int, ref: tuple[list[list[str]], Path], our: tuple[list[list[str]], Path]) -> tuple[float, int, float, int]:
+    """Medians (reference seconds, RSS, ours seconds, RSS) of runs taken in turn: this machine's
+    speed drifts within minutes, and a block of one side's runs then another's would measure it."""
+    refs, ours_ = [], []
+    for _ in range(runs):
+        refs.append(run_measured(*ref))
+        ours_.append(run_measured(*our))
+    med = statistics.median
+    return (med(r[0] for r in refs), int(med(r[1] for r in refs)), med(r[0] for r in ours_),
+            int(med(r[1] for r in ours_)))
 
 
 def write_synthetic(dest: Path, tokenizer_from: Path, *, layers: int = 30, hidden: int = 3072,
@@ -175,18 +182,20 @@ def main() -> None:
             synthetic_llama7b(wd, src, script, args.llama7b)
             return
         rows = []
-        t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16.gguf"), script.parent)
-        t_our, m_our = median_of(args.runs, ours(src, "gguf-f16", wd / "our-f16.gguf"), wd)
+        t_ref, m_ref, t_our, m_our = paired(args.runs, (reference(script, src, wd / "ref-f16.gguf"), script.parent),
+                                            (ours(src, "gguf-f16", wd / "our-f16.gguf"), wd))
         rows.append(("F16", t_our, m_our, "convert_hf_to_gguf.py --outtype f16", t_ref, m_ref))
-        t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-q8.gguf", outtype="q8_0"), script.parent)
-        t_our, m_our = median_of(args.runs, ours(src, "gguf-q8_0", wd / "our-q8.gguf"), wd)
+        t_ref, m_ref, t_our, m_our = paired(
+            args.runs, (reference(script, src, wd / "ref-q8.gguf", outtype="q8_0"), script.parent),
+            (ours(src, "gguf-q8_0", wd / "our-q8.gguf"), wd))
         rows.append(("Q8_0", t_our, m_our, "convert_hf_to_gguf.py --outtype q8_0", t_ref, m_ref))
-        t_ref, m_ref = median_of(args.runs, reference(script, src, wd / "ref-f16b.gguf", wd / "ref-q4.gguf"),
-                                 script.parent)
-        t_our, m_our = median_of(args.runs, ours(src, "gguf-q4", wd / "our-q4.gguf"), wd)
+        t_ref, m_ref, t_our, m_our = paired(
+            args.runs, (reference(script, src, wd / "ref-f16b.gguf", wd / "ref-q4.gguf"), script.parent),
+            (ours(src, "gguf-q4", wd / "our-q4.gguf"), wd))
         rows.append(("gguf-q4 (Q4_K_M)", t_our, m_our, "convert f16 + llama_model_quantize", t_ref, m_ref))
 
-        print(f"SmolLM2-135M fp32 ({src}), medians of {args.runs} runs, {os.cpu_count()} CPU(s)\n")
+        print(f"SmolLM2-135M fp32 ({src}), medians of {args.runs} runs taken in turn with the reference's, "
+              f"{os.cpu_count()} CPU(s)\n")
         print("| target | llmops time | llmops peak RSS | reference | ref time | ref peak RSS | time ratio | RSS ratio |")
         print("|---|---|---|---|---|---|---|---|")
         for name, t, m, ref, tr, mr in rows:
@@ -250,9 +259,10 @@ def synthetic_llama7b(wd: Path, src: Path, script: Path, layers: int) -> None:
     for f in (ref_f16, ref_q4):
         f.unlink(missing_ok=True)
     shutil.rmtree(big, ignore_errors=True)
-    from bench_register import time_cp, time_register
+    from bench_register import prepare_store, time_cp, time_register
 
     store = wd / "store"
+    prepare_store(store)
     t_reg = time_register(ours_q4, store)
     t_cp = time_cp(ours_q4, wd / "copy.gguf")
     print(f"\nllmops models register of the {ours_q4.stat().st_size / 1e9:.2f} GB output: {t_reg:.1f} s; "
