@@ -27,9 +27,16 @@ def _hash_mapped(h: Any, fd: int, off: int, n: int) -> None:
     import mmap
 
     start = off - off % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, off + n - start, offset=start, prot=mmap.PROT_READ,
-                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)) as mm, memoryview(mm) as view:
+    with _map_window(fd, start, off + n - start) as mm, memoryview(mm) as view:
         h.update(view[off - start:])
+
+
+def _map_window(fd: int, start: int, n: int) -> Any:
+    """Bytes ``[start, start + n)`` of ``fd`` mapped read-only, every page mapped in one go
+    (``MAP_POPULATE``); ``start`` a multiple of the allocation granularity."""
+    import mmap
+
+    return mmap.mmap(fd, n, offset=start, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -227,8 +234,7 @@ def _copy_direct(fin: int, fout: int, size: int, fsync: bool, src: str | os.Path
             n = min(MAP_WINDOW, size - off)
             read_ahead(off + MAP_WINDOW)
             try:
-                mm = mmap.mmap(fin, n, offset=off, prot=mmap.PROT_READ,
-                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+                mm = _map_window(fin, off, n)
             except (OSError, ValueError):
                 if off:
                     raise
