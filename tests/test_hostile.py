@@ -156,6 +156,17 @@ def test_unsupported_architecture(case: Case, tiny_models) -> None:
     assert "LlamaForCausalLM" in msg  # names what is supported
 
 
+@pytest.mark.parametrize("content, match", [
+    ('{"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0', "not a valid tokenizer.json"),  # truncated
+    ('{"version": "1.0", "model": {"type": "BPE", "vocab": 5, "merges": []}}', "tokenizers library cannot load"),
+])
+def test_tokenizer_json_that_is_broken(case: Case, tiny_models, content: str, match: str) -> None:
+    """Read in a child process first (for speed): its failure still ends as this process's one line."""
+    src = _copy_model(tiny_models("llama"), case.root / "tok")
+    (src / "tokenizer.json").write_text(content)
+    case.assert_clean_failure(_convert(case, src), match=match)
+
+
 def test_nan_and_inf_weights(case: Case, tiny_models) -> None:
     from safetensors.numpy import load_file, save_file
 

@@ -186,11 +186,11 @@ def test_known_hash_wins_over_structure(tmp_path: Path, weights: Path, corpus: l
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
     monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, vocab.check_hash(tok), "starcoder")
     with caplog.at_level(logging.WARNING):
-        assert vocab.choose_pre_tokenizer(tok, tj, src)[::2] == ("starcoder", "check hash")
+        assert vocab.choose_pre_tokenizer(vocab.check_hash(tok), tj, src)[::2] == ("starcoder", "check hash")
     assert not caplog.records
     monkeypatch.setitem(vocab.KNOWN_PRE_TOKENIZERS, vocab.check_hash(tok), "qwen2")
     with caplog.at_level(logging.WARNING):
-        assert vocab.choose_pre_tokenizer(tok, tj, src)[0] == "qwen2"
+        assert vocab.choose_pre_tokenizer(vocab.check_hash(tok), tj, src)[0] == "qwen2"
     assert any("smollm" in r.getMessage() and "qwen2" in r.getMessage() for r in caplog.records)
 
 

@@ -45,6 +45,7 @@ from llmops.converters.gguf.quantize import (
     thread_pool, to_f16,
 )
 from llmops.converters.gguf.targets import QUANTS, GGUFQuant
+from llmops.converters.gguf.tokenizer_facts import Pending
 from llmops.converters.gguf.vocab import add_vocab
 from llmops.converters.gguf.writer import StreamingGGUFWriter
 from llmops.core.atomic import Staged, staged_file
@@ -211,13 +212,15 @@ def convert_to_gguf(
     commit: bool = True,
     force_two_pass: bool = False,
     imatrix: Any = None,
+    tokenizer_facts: Pending | None = None,
 ) -> GGUFResult:
     """Write ``ckpt`` as GGUF ``quant_name`` (F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, Q5_K_M, Q6_K).
 
     ``progress``: a reporter (``llmops.core.progress``) or a plain callable; the tensors are one
     phase, each tensor's row of the table a note (a line of its own for a plain callable).
     ``imatrix``: an importance matrix for the llama.cpp mixes (``imatrix.ImatrixRequest``, a path
-    to an imatrix file or calibration text, or ``imatrix.ImatrixData``)."""
+    to an imatrix file or calibration text, or ``imatrix.ImatrixData``). ``tokenizer_facts``: the
+    checkpoint's tokenizer.json already being read in a child (``tokenizer_facts.start``)."""
     say = as_reporter(progress)
     threads = max(1, threads or os.cpu_count() or 1)
     if quant_name not in QUANTS:
@@ -259,7 +262,7 @@ def convert_to_gguf(
         _insert_file_type(w, start, family, ftype)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         family.add_vocab_prelude(w, ckpt.root)
-        vocab = add_vocab(w, ckpt.root, ckpt.config, prefer_spm=family.prefer_spm)
+        vocab = add_vocab(w, ckpt.root, ckpt.config, prefer_spm=family.prefer_spm, pending=tokenizer_facts)
         family.add_vocab_extras(w, ckpt.root, vocab)
         if use_final and quant.via_llama_quantizer:
             # llama.cpp's quantizer copies the F16 file's keys, then sets these two anew, which

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -18,16 +19,42 @@ class GGUFConverter(ConverterOptions):
 
     format = "gguf"
 
+    def convert(self, source: Any, target: TargetSpec, output: Path | None, progress: Callable[[str], None]) -> Any:
+        from llmops.converters.gguf import tokenizer_facts
+
+        # a checkpoint folder's tokenizer is read in a child from here on, while this process
+        # imports numpy and the converter and plans the tensors: on a small model its reading
+        # is a fifth of the whole conversion
+        self._pending = None
+        if isinstance(source, (str, os.PathLike)):
+            self._pending = tokenizer_facts.start(os.path.join(source, "tokenizer.json"))
+        try:
+            return super().convert(source, target, output, progress)
+        finally:
+            if self._pending is not None:
+                self._pending.close()
+
     def write(self, ckpt: Any, target: TargetSpec, output: Path | None, progress: Callable[[str], None]) -> Any:
-        from llmops.converters.gguf.convert import convert_to_gguf
+        from llmops.converters.gguf import tokenizer_facts
 
-        imatrix = None
-        if target.options.get("imatrix"):  # the module only when asked for (a small conversion's 1 %)
-            from llmops.converters.gguf.imatrix import request_from_options
+        pending = getattr(self, "_pending", None)
+        mine = None
+        if pending is None or Path(pending.path).resolve() != (ckpt.root / "tokenizer.json").resolve():
+            pending = mine = tokenizer_facts.start(str(ckpt.root / "tokenizer.json"))
+        try:
+            from llmops.converters.gguf.convert import convert_to_gguf
 
-            imatrix = request_from_options(target.options)
-        return convert_to_gguf(ckpt, target.quant, output, allow_nonfinite=self.allow_nonfinite, commit=False,
-                               threads=self.threads, progress=progress, imatrix=imatrix)
+            imatrix = None
+            if target.options.get("imatrix"):  # the module only when asked for (a small conversion's 1 %)
+                from llmops.converters.gguf.imatrix import request_from_options
+
+                imatrix = request_from_options(target.options)
+            return convert_to_gguf(ckpt, target.quant, output, allow_nonfinite=self.allow_nonfinite, commit=False,
+                                   threads=self.threads, progress=progress, imatrix=imatrix,
+                                   tokenizer_facts=pending)
+        finally:
+            if mine is not None:
+                mine.close()
 
     def describe(self, ckpt: Any, target: TargetSpec, res: Any, seconds: float) -> ArtifactRecord:
         from llmops.core.hashing import sha256_file

@@ -18,22 +18,14 @@ from __future__ import annotations
 
 import itertools
 import json
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import gguf
 
+from llmops.converters.gguf.tokenizer_facts import CHECK_TEXT, Pending, check_hash, facts_in_process  # noqa: F401
 from llmops.converters.gguf.pretokenizers import LLAMA_CPP_HASHES, Recognition, Unrecognised, recognise, resolve
 from llmops.core.errors import LLMOpsError
-
-# The check string llama.cpp's converter tokenizes to identify a BPE pre-tokenizer.
-CHECK_TEXT = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
-    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
-    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
-    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
-)
 
 # sha256(str(token ids of CHECK_TEXT)) -> tokenizer.ggml.pre, as llama.cpp's converter maps them.
 KNOWN_PRE_TOKENIZERS: dict[str, str] = LLAMA_CPP_HASHES
@@ -57,15 +49,10 @@ def _structural_pre(tokenizer_json: dict[str, Any]) -> str | None:
     return recognise(tokenizer_json).name
 
 
-def check_hash(tok: Any) -> str:
-    """llama.cpp's converter's identifier of a BPE tokenizer: sha256 of the check string's ids."""
-    return sha256(str(tok.encode(CHECK_TEXT).ids).encode()).hexdigest()
-
-
-def choose_pre_tokenizer(tok: Any, tokenizer_json: dict[str, Any], where: Path,
+def choose_pre_tokenizer(chkhsh: str, tokenizer_json: dict[str, Any], where: Path,
                          tokenizer_config: dict[str, Any] | None = None) -> tuple[str, str, str]:
-    """(tokenizer.ggml.pre, check hash, which opinion decided) for a ``tokenizers.Tokenizer``."""
-    chkhsh = check_hash(tok)
+    """(tokenizer.ggml.pre, check hash, which opinion decided) for a tokenizer whose check
+    string hashes to ``chkhsh`` (:func:`check_hash`)."""
     try:
         structural = recognise(tokenizer_json, tokenizer_config)
     except Exception as e:  # noqa: BLE001 - a malformed structure is one more "not recognised"
@@ -81,28 +68,38 @@ def choose_pre_tokenizer(tok: Any, tokenizer_json: dict[str, Any], where: Path,
     return pre, chkhsh, source
 
 
-def detect_pre_tokenizer(tok: Any, tokenizer_json: dict[str, Any], where: Path,
-                         tokenizer_config: dict[str, Any] | None = None) -> tuple[str, str]:
-    """(tokenizer.ggml.pre, check hash) for a ``tokenizers.Tokenizer``."""
-    pre, chkhsh, _ = choose_pre_tokenizer(tok, tokenizer_json, where, tokenizer_config)
-    return pre, chkhsh
+def add_vocab(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], *, prefer_spm: bool = False,
+              pending: Pending | None = None) -> dict[str, Any]:
+    """Write the tokenizer keys; returns a summary (model, pre, n_vocab, add_bos, bos id).
 
-
-def add_vocab(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], *, prefer_spm: bool = False) -> dict[str, Any]:
-    """Write the tokenizer keys; returns a summary (model, pre, n_vocab, add_bos, bos id)."""
+    ``pending``: the facts of ``root/tokenizer.json`` already being worked out in a child
+    (``tokenizer_facts.start``), or None to work them out here."""
     tj = root / "tokenizer.json"
     spm = root / "tokenizer.model"
+
+    def facts() -> dict[str, Any]:
+        try:
+            return pending.facts() if pending is not None else facts_in_process(str(tj))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library's errors are plain Exceptions
+            raise LLMOpsError(f"{tj}: the tokenizers library cannot load it ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
     if tj.is_file() and not (prefer_spm and spm.is_file()):
-        tokenizer_json = json.loads(tj.read_text(encoding="utf-8"))
+        try:
+            tokenizer_json = json.loads(tj.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise LLMOpsError(f"{tj}: not a valid tokenizer.json ({e})") from None
+        if not isinstance(tokenizer_json, dict):
+            raise LLMOpsError(f"{tj}: not a valid tokenizer.json (not a JSON object)")
         model_type = (tokenizer_json.get("model") or {}).get("type")
         if model_type == "BPE" and not (tokenizer_json.get("model") or {}).get("byte_fallback"):
-            return _add_bpe(writer, root, config, tokenizer_json)
+            return _add_bpe(writer, root, config, tokenizer_json, facts())
     if spm.is_file():
         from llmops.core.layouts import tokenizer_model_kind
 
         if tokenizer_model_kind(spm) == "tiktoken":
             return _add_tiktoken(writer, spm, config)
-        return _add_sentencepiece(writer, root, config)
+        return _add_sentencepiece(writer, root, config, facts() if tj.is_file() else None)
     if tj.is_file():
         raise LLMOpsError(f"{tj}: tokenizer type is not supported for GGUF export (byte-level BPE or SentencePiece)")
     raise LLMOpsError(f"{root}: no tokenizer.json or tokenizer.model; a GGUF needs the tokenizer")
@@ -205,8 +202,9 @@ def _special_vocab(root: Path, tokenizer_json: dict[str, Any] | None, n_vocab: i
         return gguf.SpecialVocab(view, load_merges=False, n_vocab=n_vocab)
 
 
-def _special(writer: gguf.GGUFWriter, root: Path, n_vocab: int, tok: Any | None, load_merges: bool,
+def _special(writer: gguf.GGUFWriter, root: Path, n_vocab: int, probe: list[int] | None, load_merges: bool,
              tokenizer_json: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``probe``: the ids the Hugging Face tokenizer gives "a" with its special tokens, if it has one."""
     if tokenizer_json is None:
         tokenizer_json = _read_tokenizer_json(root)
     sv = _special_vocab(root, tokenizer_json, n_vocab)
@@ -217,8 +215,7 @@ def _special(writer: gguf.GGUFWriter, root: Path, n_vocab: int, tok: Any | None,
             sv._try_load_merges_txt(root)
     _reference_add_flags(sv, root, n_vocab, tokenizer_json)
     # llama.cpp has per-model defaults for add_bos; write what the HF tokenizer actually does.
-    if tok is not None:
-        probe = tok.encode("a", add_special_tokens=True).ids
+    if probe is not None:
         bos = sv.special_token_ids.get("bos")
         eos = sv.special_token_ids.get("eos")
         sv.add_special_token.setdefault("bos", bool(probe) and bos is not None and probe[0] == bos)
@@ -242,39 +239,33 @@ def _tokenizer_config(root: Path) -> dict[str, Any] | None:
 
 
 def _add_bpe(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], tokenizer_json: dict[str, Any],
-             where: Path | None = None) -> dict[str, Any]:
-    """``where``: the file to name in errors (default ``root/tokenizer.json``)."""
-    from tokenizers import Tokenizer
-
+             facts: dict[str, Any], where: Path | None = None) -> dict[str, Any]:
+    """``facts``: the tokenizer's (``tokenizer_facts.facts_of``); ``where``: the file to name in
+    errors (default ``root/tokenizer.json``)."""
     where = where or root / "tokenizer.json"
-
-    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    vocab = tok.get_vocab(with_added_tokens=True)
-    n_vocab = int(config.get("vocab_size") or len(vocab))
-    if vocab and max(vocab.values()) >= n_vocab:
-        raise LLMOpsError(
-            f"{where}: tokenizer has token id {max(vocab.values())} but config vocab_size is {n_vocab}"
-        )
-    pre, _, pre_source = choose_pre_tokenizer(tok, tokenizer_json, where, _tokenizer_config(root))
-    added = tok.get_added_tokens_decoder()
+    ids = facts["ids"]
+    n_vocab = int(config.get("vocab_size") or len(ids))
+    if ids and max(ids) >= n_vocab:
+        raise LLMOpsError(f"{where}: tokenizer has token id {max(ids)} but config vocab_size is {n_vocab}")
+    pre, _, pre_source = choose_pre_tokenizer(facts["chkhsh"], tokenizer_json, where, _tokenizer_config(root))
     # every id NORMAL, then the few exceptions patched in: the same lists as going id by id
     # through the vocabulary, without a Python step for each of its tens of thousands of entries
     tokens: list[Any] = [None] * n_vocab
-    for t, i in vocab.items():
+    for t, i in zip(facts["tokens"], ids):
         tokens[i] = t
     types = [NORMAL] * n_vocab
-    missing = {i for i, t in enumerate(tokens) if t is None}
+    missing = {i for i, t in enumerate(tokens) if t is None} if None in tokens else set()
     for i in missing:
         tokens[i] = f"[PAD{i}]"
         types[i] = UNUSED
-    for i in sorted(added):
+    for i, normalized, special, trip in facts["added"]:
         if i >= n_vocab or i in missing:
             continue
-        token, at = tokens[i], added[i]
-        if not at.normalized:
+        token = tokens[i]
+        if not normalized:
             # llama.cpp expects control/user tokens pre-normalized
-            token = tok.decode(tok.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
-        if at.special or _looks_special(token):
+            token = trip
+        if special or _looks_special(token):
             types[i] = CONTROL
         else:
             token = token.replace("\u2581", " ")
@@ -284,7 +275,7 @@ def _add_bpe(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any], tokeni
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    info = _special(writer, root, n_vocab, tok, load_merges=True, tokenizer_json=tokenizer_json)
+    info = _special(writer, root, n_vocab, facts["probe"], load_merges=True, tokenizer_json=tokenizer_json)
     return {"model": "gpt2", "pre": pre, "pre_source": pre_source, "n_vocab": n_vocab, **info}
 
 
@@ -298,11 +289,14 @@ def _add_tiktoken(writer: gguf.GGUFWriter, model: Path, config: dict[str, Any]) 
     with tempfile.TemporaryDirectory(prefix="llmops-tiktoken-") as tmp:
         write_hf_tokenizer(model, Path(tmp), config)
         tokenizer_json = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
-        info = _add_bpe(writer, Path(tmp), config, tokenizer_json, where=model)
+        info = _add_bpe(writer, Path(tmp), config, tokenizer_json, facts_in_process(str(Path(tmp) / "tokenizer.json")),
+                        where=model)
     return {**info, "source": "tiktoken"}
 
 
-def _add_sentencepiece(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any]) -> dict[str, Any]:
+def _add_sentencepiece(writer: gguf.GGUFWriter, root: Path, config: dict[str, Any],
+                       facts: dict[str, Any] | None) -> dict[str, Any]:
+    """``facts``: those of the tokenizer.json beside ``tokenizer.model``, if there is one."""
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:  # pragma: no cover
@@ -342,10 +336,5 @@ def _add_sentencepiece(writer: gguf.GGUFWriter, root: Path, config: dict[str, An
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    tok = None
-    if (root / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(root / "tokenizer.json"))
-    info = _special(writer, root, n_vocab, tok, load_merges=False)
+    info = _special(writer, root, n_vocab, facts["probe"] if facts is not None else None, load_merges=False)
     return {"model": "llama", "pre": "default", "n_vocab": n_vocab, **info}
