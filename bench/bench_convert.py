@@ -2,7 +2,7 @@
 
     python bench/bench_convert.py [--runs 3] [--skip-3b] [--workdir DIR]
 
-Measures wall time and peak RSS (each run in a fresh process, its own ``wait4`` rusage) of
+Measures wall time and peak RSS (each run in a fresh process; the peak of its whole process tree, ``measure``) of
 
 * F16 and Q8_0: ``llmops convert --no-verify`` (the whole command) vs llama.cpp's ``convert_hf_to_gguf.py``;
 * gguf-q4 (Q4_K_M) end to end: ``llmops`` convert vs ``convert_hf_to_gguf.py --outtype f16``
