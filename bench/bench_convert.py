@@ -35,14 +35,17 @@ FTYPE_Q4_K_M = 15
 
 
 
-def run_measured(cmds: list[list[str]], cwd: Path) -> tuple[float, int]:
-    """Run commands one after another; (total wall seconds, max peak RSS bytes of any of them)."""
+def run_measured(cmds: list[list[str]], cwd: Path, steps: list[float] | None = None) -> tuple[float, int]:
+    """Run commands one after another; (total wall seconds, max peak RSS bytes of any of them).
+    ``steps``: gets each command's seconds appended."""
     total, peak = 0.0, 0
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
     for cmd in cmds:
         secs, rss = measured(cmd, cwd, env)
         total += secs
         peak = max(peak, rss)
+        if steps is not None:
+            steps.append(secs)
     return total, peak
 
 
@@ -62,12 +65,17 @@ def reference(script: Path, src: Path, out_f16: Path, quantize_to: Path | None =
     return cmds
 
 
-def paired(runs: int, ref: tuple[list[list[str]], Path], our: tuple[list[list[str]], Path]) -> tuple[float, int, float, int]:
+def paired(runs: int, ref: tuple[list[list[str]], Path], our: tuple[list[list[str]], Path],
+           last_steps: list[float] | None = None) -> tuple[float, int, float, int]:
     """Medians (reference seconds, RSS, ours seconds, RSS) of runs taken in turn: this machine's
-    speed drifts within minutes, and a block of one side's runs then another's would measure it."""
+    speed drifts within minutes, and a block of one side's runs then another's would measure it.
+    ``last_steps``: gets the seconds of the reference's last command in each run."""
     refs, ours_ = [], []
     for _ in range(runs):
-        refs.append(run_measured(*ref))
+        steps: list[float] = []
+        refs.append(run_measured(*ref, steps=steps))
+        if last_steps is not None:
+            last_steps.append(steps[-1])
         ours_.append(run_measured(*our))
     med = statistics.median
     return (med(r[0] for r in refs), int(med(r[1] for r in refs)), med(r[0] for r in ours_),
@@ -189,10 +197,12 @@ def main() -> None:
             args.runs, (reference(script, src, wd / "ref-q8.gguf", outtype="q8_0"), script.parent),
             (ours(src, "gguf-q8_0", wd / "our-q8.gguf"), wd))
         rows.append(("Q8_0", t_our, m_our, "convert_hf_to_gguf.py --outtype q8_0", t_ref, m_ref))
+        quantize_steps: list[float] = []
         t_ref, m_ref, t_our, m_our = paired(
             args.runs, (reference(script, src, wd / "ref-f16b.gguf", wd / "ref-q4.gguf"), script.parent),
-            (ours(src, "gguf-q4", wd / "our-q4.gguf"), wd))
+            (ours(src, "gguf-q4", wd / "our-q4.gguf"), wd), quantize_steps)
         rows.append(("gguf-q4 (Q4_K_M)", t_our, m_our, "convert f16 + llama_model_quantize", t_ref, m_ref))
+        t_q4, t_quant = t_our, statistics.median(quantize_steps)
 
         print(f"SmolLM2-135M fp32 ({src}), medians of {args.runs} runs taken in turn with the reference's, "
               f"{os.cpu_count()} CPU(s)\n")
@@ -201,6 +211,9 @@ def main() -> None:
         for name, t, m, ref, tr, mr in rows:
             print(f"| {name} | {t:.2f} s | {m / 1e6:.0f} MB | {ref} | {tr:.2f} s | {mr / 1e6:.0f} MB "
                   f"| {t / tr:.2f}x | {m / mr:.2f}x |")
+        # the K-quant arithmetic is llama.cpp's own in both: its quantize step alone bounds the ratio
+        print(f"\ngguf-q4: llama_model_quantize alone {t_quant:.2f} s (median), {t_quant / t_ref:.2f}x of both "
+              f"steps; llmops {t_q4 / t_quant:.2f}x that step")
         sys.stdout.flush()
 
         if not args.skip_3b:

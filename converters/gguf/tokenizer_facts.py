@@ -122,8 +122,9 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start(path: str) -> Pending | None:
-    """Start working out the facts of ``path`` (a tokenizer.json) if there is one."""
-    return Pending(path) if os.path.isfile(path) else None
+    """Start working out the facts of ``path`` (a tokenizer.json) if there is one (and an
+    interpreter to run the child: an embedding application may have none)."""
+    return Pending(path) if sys.executable and os.path.isfile(path) else None
 
 
 if __name__ == "__main__":
