@@ -33,6 +33,7 @@ class GGUFConverter(ConverterOptions):
         finally:
             if self._pending is not None:
                 self._pending.close()
+            self._pending = None
 
     def write(self, ckpt: Any, target: TargetSpec, output: Path | None, progress: Callable[[str], None]) -> Any:
         from llmops.converters.gguf import tokenizer_facts
