@@ -16,7 +16,10 @@ raised), :meth:`Pending.facts` works the facts out in this process, where the li
 error reaches the user as before.
 
 This file runs standalone (``python -I -S tokenizer_facts.py SYS_PATH TOKENIZER_JSON``) and
-imports nothing of llmops, so the child starts in a few hundredths of a second.
+imports nothing of llmops, so the child starts in a few hundredths of a second. That is why it
+does not use the child-process protocol of ``llmops.core.child``: that protocol's child imports
+llmops and answers through JSON files in a work folder, a tenth of a second this child exists to
+save; and a failure here needs no one-line report of its own, since the work is redone in process.
 """
 
 from __future__ import annotations
