@@ -66,16 +66,26 @@ def reference(script: Path, src: Path, out_f16: Path, quantize_to: Path | None =
 
 
 def paired(runs: int, ref: tuple[list[list[str]], Path], our: tuple[list[list[str]], Path],
-           last_steps: list[float] | None = None) -> tuple[float, int, float, int]:
+           last_steps: list[float] | None = None, outputs: tuple[Path, ...] = ()) -> tuple[float, int, float, int]:
     """Medians (reference seconds, RSS, ours seconds, RSS) of runs taken in turn: this machine's
     speed drifts within minutes, and a block of one side's runs then another's would measure it.
-    ``last_steps``: gets the seconds of the reference's last command in each run."""
+    ``last_steps``: gets the seconds of the reference's last command in each run. ``outputs``: the
+    files both sides write, removed (untimed) before each run: replacing the previous run's
+    270 MB file makes the kernel free it inside the timed command (~40 ms, in our rename or in
+    the reference's truncating open), work a conversion to a new path never does."""
     refs, ours_ = [], []
+
+    def clear() -> None:
+        for f in outputs:
+            f.unlink(missing_ok=True)
+
     for _ in range(runs):
         steps: list[float] = []
+        clear()
         refs.append(run_measured(*ref, steps=steps))
         if last_steps is not None:
             last_steps.append(steps[-1])
+        clear()
         ours_.append(run_measured(*our))
     med = statistics.median
     return (med(r[0] for r in refs), int(med(r[1] for r in refs)), med(r[0] for r in ours_),
@@ -190,17 +200,20 @@ def main() -> None:
             synthetic_llama7b(wd, src, script, args.llama7b)
             return
         rows = []
-        t_ref, m_ref, t_our, m_our = paired(args.runs, (reference(script, src, wd / "ref-f16.gguf"), script.parent),
-                                            (ours(src, "gguf-f16", wd / "our-f16.gguf"), wd))
+        made = (wd / "ref-f16.gguf", wd / "our-f16.gguf")
+        t_ref, m_ref, t_our, m_our = paired(args.runs, (reference(script, src, made[0]), script.parent),
+                                            (ours(src, "gguf-f16", made[1]), wd), outputs=made)
         rows.append(("F16", t_our, m_our, "convert_hf_to_gguf.py --outtype f16", t_ref, m_ref))
+        made = (wd / "ref-q8.gguf", wd / "our-q8.gguf")
         t_ref, m_ref, t_our, m_our = paired(
-            args.runs, (reference(script, src, wd / "ref-q8.gguf", outtype="q8_0"), script.parent),
-            (ours(src, "gguf-q8_0", wd / "our-q8.gguf"), wd))
+            args.runs, (reference(script, src, made[0], outtype="q8_0"), script.parent),
+            (ours(src, "gguf-q8_0", made[1]), wd), outputs=made)
         rows.append(("Q8_0", t_our, m_our, "convert_hf_to_gguf.py --outtype q8_0", t_ref, m_ref))
         quantize_steps: list[float] = []
+        made = (wd / "ref-f16b.gguf", wd / "ref-q4.gguf", wd / "our-q4.gguf")
         t_ref, m_ref, t_our, m_our = paired(
-            args.runs, (reference(script, src, wd / "ref-f16b.gguf", wd / "ref-q4.gguf"), script.parent),
-            (ours(src, "gguf-q4", wd / "our-q4.gguf"), wd), quantize_steps)
+            args.runs, (reference(script, src, made[0], made[1]), script.parent),
+            (ours(src, "gguf-q4", made[2]), wd), quantize_steps, outputs=made)
         rows.append(("gguf-q4 (Q4_K_M)", t_our, m_our, "convert f16 + llama_model_quantize", t_ref, m_ref))
         t_q4, t_quant = t_our, statistics.median(quantize_steps)
 
