@@ -285,6 +285,38 @@ def test_builder_failure_is_one_line(tiny_models: Callable[[str], Path], tmp_pat
     assert _entries(tmp_path) == ["src"]
 
 
+def test_builder_drops_onnx_ir_unresolved_input_warning() -> None:
+    """onnx_ir's mid-build "Input ... cannot be found in any scope. The model is invalid" (printed
+    three times converting SmolLM2, whose tied embedding reads the LM head's blocks before they
+    exist) does not reach the user while the builder runs; its other warnings do, and afterwards
+    the logger is as it was. The finished graph is checked by ``inspect_model``."""
+    import logging
+
+    from llmops.converters.onnx.builder import _quiet_logging
+
+    serde = logging.getLogger("onnx_ir.serde")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Keep()
+    serde.addHandler(handler)
+    unresolved = ("Input '%s' of node '%s' (%s::%s:%s) cannot be found in any scope. The model is invalid but we "
+                  "will still create a new input for the node (current depth: %s)")
+    args = ("lm_head.MatMul.weight_Q8G32", "/model/embed_tokens/Reshape", "", "Reshape", "", 1)
+    try:
+        with _quiet_logging() as restore:
+            restore()
+            serde.warning(unresolved, *args)
+            serde.warning("another warning")
+        serde.warning(unresolved, *args)
+    finally:
+        serde.removeHandler(handler)
+    assert seen == ["another warning", unresolved % args]
+
+
 # ----------------------------------------------------------------------------------------------
 # verification through the shared evaluation
 
