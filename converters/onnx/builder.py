@@ -95,9 +95,9 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
 
 def _unresolved_input(record: logging.LogRecord) -> bool:
     """False for onnx_ir's "Input ... cannot be found in any scope. The model is invalid ..."
-    warning. With a tied embedding the builder's graph reads the LM head's quantized blocks
-    before the quantizer has made them, and onnx_ir says so (three lines ending in "The model is
-    invalid") while the graph is still being built; the finished graph provides them. What is
+    warning. With a tied embedding the builder's embedding nodes read the LM head's quantized
+    blocks, names not yet in the graph when onnx_ir reads it mid-build (converting SmolLM2 to
+    int4: three lines ending in "The model is invalid"); the finished graph provides them. What is
     written is checked where it can be: :func:`inspect_model` refuses any node input that nothing
     provides, so the warning would only alarm a user over a valid model."""
     return not str(record.msg).startswith("Input '%s' of node '%s'")
