@@ -96,6 +96,10 @@ class _GenAI:
 
         import onnxruntime_genai as og
 
+        from llmops.core.genai_config import check_folder
+
+        # before onnxruntime-genai reads it: the file can name native libraries and paths out of the folder
+        check_folder(spec.path)
         self.og = og
         config = og.Config(spec.path)
         if spec.threads:

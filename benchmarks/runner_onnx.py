@@ -13,7 +13,6 @@ Tokens come from the Hugging Face tokenizer files the builder copies into the fo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 
 from llmops.benchmarks.runners import HFTokenizerMixin
 from llmops.core.errors import LLMOpsError
+from llmops.core.genai_config import check_file, check_folder, decoder_graph
 
 _ORT_DTYPES: dict[str, Any] = {
     "tensor(float)": np.float32,
@@ -33,21 +33,21 @@ _ORT_DTYPES: dict[str, Any] = {
 }
 
 
-def model_file(folder: Path) -> Path:
-    """The decoder graph named in genai_config.json (``model.onnx`` by default)."""
-    cfg = folder / "genai_config.json"
-    if cfg.is_file():
-        try:
-            name = json.loads(cfg.read_text(encoding="utf-8"))["model"]["decoder"]["filename"]
-            if (folder / name).is_file():
-                return folder / name
-        except (ValueError, KeyError, TypeError):
-            pass
+def model_file(folder: Path, genai: dict[str, Any] | None = None) -> Path:
+    """The decoder graph named in genai_config.json (``model.onnx`` by default), inside the folder.
+
+    ``genai`` is the folder's config as :func:`llmops.core.genai_config.check_folder` returned
+    it (read and checked here when not given)."""
+    if genai is None:
+        genai = check_folder(folder, required=False)
+    named = decoder_graph(folder, genai)
+    if named is not None and named.is_file():
+        return named
     if (folder / "model.onnx").is_file():
-        return folder / "model.onnx"
+        return check_file(folder, "model.onnx")
     graphs = sorted(folder.glob("*.onnx"))
     if len(graphs) == 1:
-        return graphs[0]
+        return check_file(folder, graphs[0].name)
     raise LLMOpsError(f"{folder}: no model.onnx (expected the folder the ONNX converter writes)")
 
 
@@ -63,11 +63,13 @@ class OnnxRunner(HFTokenizerMixin):
             raise LLMOpsError(f"{path}: no such ONNX model folder")
         self.folder = folder
         self.n_ctx = n_ctx
+        # one check for every ONNX load: this runtime ignores the session settings that load
+        # code, but a folder that asks for them is refused here as it is by onnxruntime-genai
+        genai = check_folder(folder, required=False)
         self._load_tokenizer(folder)
         # the builder writes model_max_length = context length; evaluation tokenizes a whole text
         # first and cuts windows itself, so the "sequence too long" warning would be noise
         self.tokenizer.model_max_length = int(1e12)
-        genai = self._genai_config()
         model = genai.get("model", {})
         decoder = model.get("decoder", {})
         # the KV inputs' head dimensions are symbolic in some graphs ('kv_cache_dim'); genai_config has them
@@ -80,7 +82,7 @@ class OnnxRunner(HFTokenizerMixin):
         if vocab_only:
             self.vocab_size = int(vocab) if vocab else len(self.tokenizer)
             return
-        self.session = self._session(model_file(folder), threads, device)
+        self.session = self._session(model_file(folder, genai), threads, device)
         self.inputs = self.session.get_inputs()
         out = {o.name: o for o in self.session.get_outputs()}
         if "logits" not in out:
@@ -93,15 +95,6 @@ class OnnxRunner(HFTokenizerMixin):
         for i in self.inputs:
             if i.name not in known and not i.name.startswith("past_key_values."):
                 raise LLMOpsError(f"{folder}: graph input {i.name!r} is not one this runner knows how to feed")
-
-    def _genai_config(self) -> dict[str, Any]:
-        p = self.folder / "genai_config.json"
-        if not p.is_file():
-            return {}
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise LLMOpsError(f"{p}: not valid JSON ({e})") from None
 
     @staticmethod
     def _session(graph: Path, threads: int | None, device: str) -> Any:

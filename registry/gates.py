@@ -31,8 +31,8 @@ HINTS = {
     "peak_rss_mb": "llmops bench REF --metrics memory",
     "load_s": "llmops bench REF --metrics memory",
     **{f"prod_{m}": "llmops serve models:/NAME@staging (requests through it), then llmops monitor NAME"
-       for m in ("requests", "error_rate", "p50_latency_ms", "p95_latency_ms", "p50_ttft_ms", "p95_ttft_ms",
-                 "tokens_per_s")},
+       for m in ("requests", "error_rate", "client_error_rate", "cancelled", "p50_latency_ms", "p95_latency_ms",
+                 "p50_ttft_ms", "p95_ttft_ms", "tokens_per_s")},
 }
 
 

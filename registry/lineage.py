@@ -2,7 +2,8 @@
 
 One recursive CTE walks the edge table; it is portable SQL (SQLite and
 PostgreSQL both run it) and indexed on both edge ends, so depth, not table
-size, decides its cost. Cycles cannot loop forever: the walk is depth-bounded.
+size, decides its cost. Cycles cannot loop forever: the walk is depth-bounded, and it meets
+each edge once per distance (UNION), however many paths lead there.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import literal, select
+from sqlalchemy import func, literal, select
 from sqlalchemy.orm import Session
 
 from llmops.registry.tables import Artifact, LineageEdge, Version
@@ -56,22 +57,27 @@ class Graph:
 
 
 def walk(session: Session, artifact_id: int, direction: str = "up", max_depth: int = MAX_DEPTH) -> list[Edge]:
-    """Edges reachable from ``artifact_id`` towards parents (up) or children (down)."""
+    """Edges reachable from ``artifact_id`` towards parents (up) or children (down), each once, at
+    its shortest distance.
+
+    The walk carries (edge, next node, depth) only and joins by UNION, which drops a row already
+    found: where paths fork and meet again (a model converted two ways, both quantized to the
+    same output, and so on down), the walk meets each edge once per distance instead of once per
+    path, and a chain of such diamonds costs its edge count, not 2 to the power of its length.
+    (Not the edges' parameters, JSON that PostgreSQL cannot compare: they join afterwards.)"""
     e = LineageEdge.__table__
     near, far = (e.c.child_id, e.c.parent_id) if direction == "up" else (e.c.parent_id, e.c.child_id)
-    cols = (e.c.id, e.c.parent_id, e.c.child_id, e.c.relation, e.c.parameters, far.label("next_id"))
-    base = select(*cols, literal(1).label("depth")).where(near == artifact_id)
+    base = select(e.c.id, far.label("next_id"), literal(1).label("depth")).where(near == artifact_id)
     cte = base.cte("lineage_walk", recursive=True)
-    step = select(*cols, (cte.c.depth + 1).label("depth")).where(near == cte.c.next_id, cte.c.depth < max_depth)
-    cte = cte.union_all(step)
+    step = select(e.c.id, far.label("next_id"), (cte.c.depth + 1).label("depth")).where(
+        near == cte.c.next_id, cte.c.depth < max_depth)
+    cte = cte.union(step)
+    shortest = select(cte.c.id, func.min(cte.c.depth).label("depth")).group_by(cte.c.id).subquery()
     # one round trip: the edges' parameters travel with the walk
-    rows = session.execute(select(cte.c.id, cte.c.parent_id, cte.c.child_id, cte.c.relation, cte.c.parameters,
-                                  cte.c.depth)).all()
-    seen: dict[int, Edge] = {}
-    for r in rows:
-        if r.id not in seen or r.depth < seen[r.id].depth:
-            seen[r.id] = Edge(r.parent_id, r.child_id, r.relation, r.depth, r.parameters or {})
-    return sorted(seen.values(), key=lambda x: (x.depth, x.parent, x.child))
+    rows = session.execute(select(e.c.parent_id, e.c.child_id, e.c.relation, e.c.parameters, shortest.c.depth)
+                           .join(shortest, shortest.c.id == e.c.id)).all()
+    edges = [Edge(r.parent_id, r.child_id, r.relation, r.depth, r.parameters or {}) for r in rows]
+    return sorted(edges, key=lambda x: (x.depth, x.parent, x.child))
 
 
 def graph(session: Session, artifact_id: int, direction: str = "up") -> Graph:

@@ -9,6 +9,12 @@ terminated. If anything fails, the MLflow side is deleted again (and rows alread
 committed are removed), so a failed registration leaves no version, no LoggedModel, no
 active run and no rows behind. The lineage picture is drawn last, outside the operation. The same bytes registered twice are one artifact and one stored
 copy (MLflow's local artifact store copies bytes, so each blob is logged once).
+
+The bytes registered are those a symbolic link points to (``core.walk``): a folder of links
+(a Hugging Face cache snapshot) is stored as real files, and a link that leads nowhere is
+refused before anything is written. The recorded sha256 is always that of the bytes stored:
+hashed while they are copied into a local store, or while they are read for the upload to a
+tracking server (``intake``); a hash given by the caller is only checked against it.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from typing import Any
 
 from sqlalchemy import delete, event, select
 
-from llmops.core.errors import LLMOpsError, UsageError
-from llmops.core.hashing import copy_path_hashing, sha256_path, size_of
+from llmops.core.errors import UsageError
+from llmops.core.hashing import sha256_path, size_of
 from llmops.registry import artifacts
 from llmops.registry import evaluations as _evaluations
+from llmops.registry import upload as _upload
+from llmops.registry.intake import EarlyCopy, identify_and_copy, source_path
 from llmops.registry import logged_models
 from llmops.registry.datasets import DatasetInfo, mlflow_input
 from llmops.registry.refs import Ref, is_ref, validate_name
@@ -90,9 +98,7 @@ def register(
     filesystem): registration at the speed of one read, the store sharing the file with its
     owner (``core.hashing.link_file_hashing``)."""
     validate_name(name, "model name")
-    src = Path(path).expanduser().resolve()
-    if not src.exists():
-        raise UsageError(f"{path}: no such file or folder")
+    src = source_path(path)
     for key in tags or {}:
         validate_name(key, "tag key")
     parents = parents or []
@@ -103,12 +109,12 @@ def register(
             raise UsageError(f"--from {p.ref_or_path}: no such file or folder")
 
     t0 = time.time()
+    size = size_of(src)  # walks a folder: a broken symbolic link is refused before anything is written
     # The bytes start moving into the store now, while MLflow is imported and the run created:
     # on a local store the copy (hashed on the way) is most of a large registration's time.
-    early = _EarlyCopy(src, store.settings.artifact_root, link) if store.settings.tracking_is_local_db else None
+    early = EarlyCopy(src, store.settings.artifact_root, link) if store.settings.tracking_is_local_db else None
     try:
         store.open()
-        size = size_of(src)
         client = store.mlflow
     except BaseException:
         if early is not None:
@@ -128,7 +134,7 @@ def register(
 
     preload()  # the lineage picture's imports, while the bytes are copied and hashed
     try:
-        sha, stored, copied = _identify_and_copy(store, src, sha256, run.info.artifact_uri, early, link)
+        sha, stored, in_run = identify_and_copy(store, src, sha256, run.info.artifact_uri, early, link)
     except BaseException:
         if early is not None:
             early.discard()
@@ -168,16 +174,8 @@ def register(
             client.set_tag(run_id, f"llmops.version.{k}", str(v))
         if dataset_inputs:
             client.log_inputs(run_id, [mlflow_input(info, context) for info, context in dataset_inputs])
-        if copied is not None:  # already in this run's artifact folder, hashed on the way
+        if in_run:  # already in this run's artifacts, hashed on the way
             stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}" + ("" if src.is_dir() else f"/{src.name}")
-            stored_source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
-        elif stored is None:
-            if src.is_dir():
-                client.log_artifacts(run_id, str(src), ARTIFACT_PATH)
-                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
-            else:
-                client.log_artifact(run_id, str(src), ARTIFACT_PATH)
-                stored_uri = f"{run.info.artifact_uri}/{ARTIFACT_PATH}/{src.name}"
             stored_source = f"{run.info.artifact_uri}/{ARTIFACT_PATH}"
         # One registration of a model at a time, across processes and machines: MLflow numbers
         # versions by reading the last one, and two bytes-identical artifacts must be one row.
@@ -287,91 +285,6 @@ def _next_version(client, name: str) -> str:  # noqa: ANN001 - MlflowClient
     return str(max((int(v.version) for v in versions), default=0) + 1)
 
 
-class _EarlyCopy:
-    """A copy of the bytes into the store's artifact folder, hashed on the way, on a thread of its
-    own: started before MLflow is imported and the run exists, moved into the run's folder by a
-    rename once it does (same filesystem; a copy across filesystems otherwise)."""
-
-    def __init__(self, src: Path, root: Path, link: bool = False) -> None:
-        import tempfile
-        import threading
-
-        root.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
-        self.path = self.dir / src.name
-        self._src = src
-        self._link = link
-        self._sha: str | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="llmops-register-copy", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._sha = copy_path_hashing(self._src, self.path, link=self._link)
-        except BaseException as exc:  # noqa: BLE001 - re-raised by result()
-            self._error = exc
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._sha is not None
-        return self._sha
-
-    def move_to(self, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(self.path), str(dest))
-        self.discard()
-
-    def discard(self) -> None:
-        """Remove the staging folder; a copy still running writes on into unlinked files and ends."""
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _identify_and_copy(store: Store, src: Path, sha256: str | None, artifact_uri: str,
-                       early: _EarlyCopy | None = None, link: bool = False) -> tuple[str, Artifact | None, Path | None]:
-    """(sha256, the stored artifact with these bytes or None, the copy made or None).
-
-    A multi-GB artifact must be read once, not hashed and then copied: where the run's artifact
-    folder is local (the store's own folder), the bytes are copied into it while they are hashed
-    (``core.hashing.copy_path_hashing``; a reflink where the filesystem has them) and MLflow's
-    copy is skipped. Bytes already stored (same sha256) are one copy: a copy made before the hash
-    was known is removed again. A hash given by the caller (the converter's) is checked against
-    the bytes copied, so a file changed since it was hashed is refused rather than registered
-    under the wrong identity. Behind a tracking server the file is hashed, then uploaded."""
-    local = artifacts.local_path(artifact_uri)
-    if early is not None and local is None:  # not a local run folder after all: MLflow uploads
-        early.discard()
-        early = None
-
-    def stored_with(sha: str) -> Artifact | None:
-        with store.session() as s:
-            existing = artifacts.by_sha(s, sha)
-            return existing if existing is not None and existing.meta.get("stored") else None
-
-    if local is None:
-        sha = sha256 or sha256_path(src)
-        return sha, stored_with(sha), None
-    if sha256 is not None and (stored := stored_with(sha256)) is not None:
-        if early is not None:
-            early.discard()
-        return sha256, stored, None
-    dest = local / ARTIFACT_PATH if src.is_dir() else local / ARTIFACT_PATH / src.name
-    if early is not None:
-        got = early.result()
-        early.move_to(dest)
-    else:
-        got = copy_path_hashing(src, dest, link=link)
-    if sha256 is not None and got != sha256:
-        raise LLMOpsError(f"{src}: its bytes changed after they were hashed (now sha256 {got[:12]}…, "
-                          f"recorded {sha256[:12]}…); nothing registered")
-    if sha256 is None and (stored := stored_with(got)) is not None:
-        shutil.rmtree(local / ARTIFACT_PATH, ignore_errors=True)
-        return got, stored, None
-    return got, None, dest
-
-
 # Rows a registration inserts, in the order they can be deleted (children first).
 _UNDO_ORDER = (BenchmarkResult, LineageEdge, Version, Run, Artifact, Hardware)
 
@@ -413,11 +326,13 @@ def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: s
 
     The LoggedModel is deleted, the run marked FAILED, then deleted (MLflow's deletes of both
     are soft deletes that keep the artifacts; bytes this registration copied into a local
-    store are removed here).
+    store, or uploaded to a tracking server that allows deletes, are removed here).
     """
     logged = artifacts.local_path(logged_uri) if logged_uri else None
+    remote = logged_uri if logged_uri and logged is None else None
     best_effort(
         (lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
+        (lambda: _upload.delete_uploaded(remote, client.tracking_uri, ARTIFACT_PATH)) if remote else None,
         (lambda: client.delete_model_version(name, mv.version)) if mv is not None else None,
         (lambda: client.delete_registered_model(name)) if created_model else None,
         (lambda: logged_models.discard(client, model_id)) if model_id else None,

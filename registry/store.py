@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import logging
 import os
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
@@ -18,12 +20,29 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from llmops.core.settings import EXPERIMENT, Settings, redact, resolve
+from llmops.core.settings import (EXPERIMENT, Settings, configured_secrets, redact, redact_text, resolve,
+                                  unencoded_at)
 from llmops.core.errors import LLMOpsError
 from llmops.registry import db
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+
+
+# The secrets of every store this process opened, masked in MLflow's log records.
+_LOG_SECRETS: set[str] = set()
+
+
+class _Redacting(logging.Filter):
+    """Passes every record, its message (with its traceback, if any) through :func:`redact_text`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info:
+            text += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        record.msg, record.args = redact_text(text, *_LOG_SECRETS, *configured_secrets()), ()
+        record.exc_info = record.exc_text = None
+        return True
 
 
 def actor() -> str:
@@ -59,19 +78,27 @@ class Store:
     def open(self) -> Store:
         if self._opened:
             return self
+        if unencoded_at(self.settings.db_url):
+            # SQLAlchemy ends the password at its first '@' and takes the rest for the host name,
+            # which the driver's error then quotes: refuse before connecting.
+            raise LLMOpsError(f"cannot open store {redact(self.settings.db_url)}: its password holds an '@'; "
+                              "write it percent-encoded, as %40")
         try:
             with self._init_lock():
-                if self.settings.is_sqlite:
-                    # WAL and the busy timeout are set on every connection we open;
-                    # WAL persists in the file, so MLflow's connections get it too.
-                    with self.engine.connect():
-                        pass
+                # First our own connection: on SQLite it sets WAL and the busy timeout (WAL persists
+                # in the file, so MLflow's connections get it too); elsewhere it fails at once on a
+                # wrong URL, where MLflow's engine would retry for a minute and a half.
+                with self.engine.connect():
+                    pass
                 self._ensure_mlflow()
                 db.upgrade(self.engine)
         except LLMOpsError:
             raise
         except Exception as exc:  # noqa: BLE001 - one line for the user, whatever the driver raised
-            raise LLMOpsError(f"cannot open store {redact(self.settings.db_url)}: {type(exc).__name__}: {exc}") from exc
+            # The driver's message may quote the URI or its password; the cause is not chained, so
+            # that a logged traceback does not show it either.
+            detail = redact_text(f"{type(exc).__name__}: {exc}", *self.settings.secrets())
+            raise LLMOpsError(f"cannot open store {redact(self.settings.db_url)}: {detail}") from None
         self._opened = True
         return self
 
@@ -88,11 +115,15 @@ class Store:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         # Behind a tracking server MLflow prints run links on stdout, which --json reserves.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        import logging
-
         from mlflow import MlflowClient
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        mlflow_logger = logging.getLogger("mlflow")
+        mlflow_logger.setLevel(logging.WARNING)
+        # Its warnings quote driver errors (a failed connection is retried ten times, each logged).
+        _LOG_SECRETS.update(self.settings.secrets())
+        for handler in mlflow_logger.handlers:
+            if not any(isinstance(f, _Redacting) for f in handler.filters):
+                handler.addFilter(_Redacting())
         return MlflowClient(tracking_uri=self.settings.tracking_uri, registry_uri=self.settings.registry_uri)
 
     @cached_property

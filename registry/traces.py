@@ -109,11 +109,13 @@ class SwapRecord:
 @dataclass
 class VersionSummary:
     version: str
-    requests: int
+    requests: int  # every request the version was handed, whatever came of it
+    served: int  # answered in full or failed by the server: what the error rate is over
     errors: int
     cancelled: int
     rejected: int
-    error_rate: float
+    error_rate: float  # server failures over served requests
+    client_error_rate: float  # requests refused as invalid (4xx) over all
     p50_latency_ms: float | None
     p95_latency_ms: float | None
     p50_ttft_ms: float | None
@@ -278,18 +280,22 @@ def _round(x: float | None, nd: int = 2) -> float | None:
 
 
 def summarize_version(version: str, recs: list[RequestRecord]) -> VersionSummary:
-    """Figures of one version. Error rate: server failures over all its requests (a client
-    that left mid-stream or a request refused as invalid is counted, not as an error).
-    Latency percentiles over completed requests; tokens/s: completion tokens over the
-    generation time (from the slot being free to the last token) of all of them."""
+    """Figures of one version. Error rate: server failures over the requests the server served
+    (completed or failed); requests a client cut short or sent invalid are counted apart and in
+    neither side of it, so a client cannot move a gate on the rate by sending over-long prompts
+    or hanging up. Latency percentiles over completed requests; tokens/s: completion tokens
+    over the generation time (from the slot being free to the last token) of all of them."""
     done = [r for r in recs if r.status == STATUS_OK]
     errors = sum(r.status == STATUS_ERROR for r in recs)
+    served = len(done) + errors
+    rejected = sum(r.status == STATUS_REJECTED for r in recs)
     gen_s = sum((r.generation_ms or 0) for r in done) / 1000.0
     toks = sum((r.completion_tokens or 0) for r in done)
     return VersionSummary(
-        version=version, requests=len(recs), errors=errors,
-        cancelled=sum(r.status == STATUS_CANCELLED for r in recs), rejected=sum(r.status == STATUS_REJECTED for r in recs),
-        error_rate=round(errors / len(recs), 6) if recs else 0.0,
+        version=version, requests=len(recs), served=served, errors=errors,
+        cancelled=sum(r.status == STATUS_CANCELLED for r in recs), rejected=rejected,
+        error_rate=round(errors / served, 6) if served else 0.0,
+        client_error_rate=round(rejected / len(recs), 6) if recs else 0.0,
         p50_latency_ms=_round(percentile([r.latency_ms for r in done], 50)),
         p95_latency_ms=_round(percentile([r.latency_ms for r in done], 95)),
         p50_ttft_ms=_round(percentile([r.ttft_ms for r in done], 50)),
@@ -333,7 +339,9 @@ def report(store: Store, name: str, *, alias: str | None = "production", since: 
 def gate_metrics(store: Store, name: str, version: str, *, alias: str | None = None,
                  since: str = "24h") -> dict[str, float]:
     """``prod_*`` figures of one version from its served requests (through ``alias``, or any),
-    for promotion gates: ``prod_requests``, ``prod_error_rate``, ``prod_p50_latency_ms``,
+    for promotion gates: ``prod_requests`` (served: completed or failed by the server),
+    ``prod_error_rate`` (server failures over those), ``prod_client_error_rate`` (requests
+    refused as invalid, over all), ``prod_cancelled``, ``prod_p50_latency_ms``,
     ``prod_p95_latency_ms``, ``prod_p50_ttft_ms``, ``prod_p95_ttft_ms``, ``prod_tokens_per_s``.
     A version never served yields no figures (a gate on one then fails with a hint); a
     store that cannot be searched for traces yields none either."""
@@ -343,11 +351,12 @@ def gate_metrics(store: Store, name: str, version: str, *, alias: str | None = N
         raise
     except Exception:  # noqa: BLE001 - gates on other metrics must not fail because traces cannot be read
         return {}
-    if not recs:
-        return {}
     s = summarize_version(str(version), recs)
+    if not s.served:
+        return {}
     figures = {
-        "requests": float(s.requests), "error_rate": s.error_rate,
+        "requests": float(s.served), "error_rate": s.error_rate, "client_error_rate": s.client_error_rate,
+        "cancelled": float(s.cancelled),
         "p50_latency_ms": s.p50_latency_ms, "p95_latency_ms": s.p95_latency_ms,
         "p50_ttft_ms": s.p50_ttft_ms, "p95_ttft_ms": s.p95_ttft_ms, "tokens_per_s": s.tokens_per_s,
     }

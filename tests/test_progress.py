@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from llmops.core.progress import (CallbackReporter, EventReader, EventWriter, StreamReporter, as_reporter,
-                                  reporting)
+from llmops.core.progress import CallbackReporter, StreamReporter, as_reporter, reporting
+from llmops.core.progress_events import EventReader, EventWriter
 
 
 class FakeTTY(io.StringIO):

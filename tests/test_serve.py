@@ -78,7 +78,9 @@ class Server:
                              timeout=kw.pop("timeout", 60), **kw)
 
     def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}/health", timeout=10) as r:  # noqa: S310 - loopback
+        """/health as the operator sees it (with the key, where one is set)."""
+        req = urllib.request.Request(f"{self.url}/health", headers=self.headers())
+        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 - loopback
             return json.loads(r.read())
 
     def stop(self) -> str:

@@ -30,7 +30,6 @@ default, byte for byte.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -48,6 +47,7 @@ from llmops.converters.onnx.targets import TARGETS
 from llmops.core.atomic import Staged, staged_folder
 from llmops.core.checkpoint import Checkpoint
 from llmops.core.errors import LLMOpsError, UsageError
+from llmops.core.genai_config import check_folder
 from llmops.core.progress import as_reporter
 from llmops.core.toolversions import tool_versions
 
@@ -162,7 +162,9 @@ def convert_to_onnx(
         weight_bytes, opset, ops, tensors = inspect_model(out)
         for line in tensor_lines(tensors):
             say.detail(line)
-        genai = json.loads((out / "genai_config.json").read_text(encoding="utf-8"))
+        # what every ONNX load demands of the folder (llmops.core.genai_config): refused here,
+        # before the commit, rather than at its first load
+        genai = check_folder(out)
         files = sorted(p.name for p in out.iterdir())
         for scratch in (cache, work / "source"):  # only the output waits for its commit
             shutil.rmtree(scratch, ignore_errors=True)

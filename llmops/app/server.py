@@ -6,11 +6,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
-from llmops.core.settings import redact
+from llmops.core.settings import configured_secrets, redact, redact_text
 from llmops.core.errors import LLMOpsError
 from llmops.app.output import emit, log
 
@@ -93,13 +95,27 @@ def exposure_warning(host: str, port: int, serve_artifacts: bool) -> str | None:
 
 
 def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+    """Whether ``port`` can be bound on ``host``, in the address family ``host`` is of (an IPv6
+    address such as ``::1`` cannot be bound by an IPv4 socket: it was refused as "in use")."""
+    name = host.strip().strip("[]")
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _canon, addr in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError:
+                return False
+    return bool(infos)
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL: an IPv6 address in brackets."""
+    name = host.strip().strip("[]")
+    return f"[{name}]" if ":" in name else name
 
 
 def wait_until_up(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
@@ -194,7 +210,7 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
         if not loc.startswith("mlflow-artifacts:"):
             raise LLMOpsError(f"this store keeps artifacts at {loc}, which clients of a shared server cannot "
                               "reach: start a shared server on a fresh database")
-    url = f"http://{host}:{port}"
+    url = f"http://{url_host(host)}:{port}"
     argv, env = server_launch(store, host, port, serve_artifacts, workers)
     import signal
 
@@ -205,7 +221,12 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
         signal.signal(signal.SIGHUP, lambda *_: sys.exit(0))
     # Its own process group, so that stopping it reaches the workers it starts (MLflow's job
     # runner leaves its huey consumers behind otherwise); Ctrl-C reaches us and we stop it.
-    proc = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 - fixed argv
+    # Its output reaches the user through us (see _relay).
+    proc = subprocess.Popen(argv, env=env, start_new_session=True,  # noqa: S603 - fixed argv
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    relay = threading.Thread(target=_relay, args=(proc.stdout, store.settings.secrets()), daemon=True,
+                             name="mlflow-server-output")
+    relay.start()
     try:
         wait_until_up(url, proc)
         if json_mode:
@@ -218,3 +239,18 @@ def serve(store, host: str = "127.0.0.1", port: int = 5000, json_mode: bool = Fa
         return 0
     finally:
         stop_group(proc, timeout=10)
+        relay.join(timeout=10)
+
+
+def _relay(stream: IO[bytes], secrets: tuple[str, ...]) -> None:
+    """The server's output, line by line, on our stderr through :func:`redact_text`: the server
+    holds the database URI, and a traceback of its may quote it. On stderr, not stdout, which
+    --json keeps for the one document."""
+    known = (*secrets, *configured_secrets())
+    with stream:
+        for raw in iter(stream.readline, b""):
+            try:
+                sys.stderr.write(redact_text(raw.decode("utf-8", "replace"), *known))
+                sys.stderr.flush()
+            except (OSError, ValueError):  # our stderr is gone: keep draining, so the server never blocks
+                pass

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,22 +27,45 @@ from pathlib import Path
 from typing import Any
 
 from llmops.core.errors import LLMOpsError
+from llmops.core.walk import files_of
 
 PARTIAL = ".partial"
 
 
-def umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
+def new_file(folder: Path, prefix: str, suffix: str = "", mode: int = 0o666) -> tuple[int, Path]:
+    """Like ``tempfile.mkstemp`` (a new file with a fresh name in ``folder``, opened for writing),
+    but with the permissions an ordinary new file gets: ``mode`` less the umask, applied by the
+    kernel as it creates the file. Not mkstemp's private 0o600 widened afterwards: that needs the
+    umask, and reading it means setting it, process-wide, for a moment, in which files that
+    other threads create get no umask at all."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(tempfile.TMP_MAX):
+        path = folder / f"{prefix}{secrets.token_hex(5)}{suffix}"
+        try:
+            return os.open(path, flags, mode), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
+
+
+def new_folder(folder: Path, prefix: str, suffix: str = "", mode: int = 0o777) -> Path:
+    """Like ``tempfile.mkdtemp``, with ``mode`` less the umask (see :func:`new_file`)."""
+    for _ in range(tempfile.TMP_MAX):
+        path = folder / f"{prefix}{secrets.token_hex(5)}{suffix}"
+        try:
+            os.mkdir(path, mode)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
 
 
 def fsync_path(path: Path) -> None:
-    """Flush one file, or every file of a folder and the folders themselves, to disk."""
+    """Flush one file, or every file of a folder and the folders themselves, to disk. A file a
+    symbolic link in the folder points to is flushed too: the output's readers read it."""
     if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                _fsync_fd(p, os.O_RDONLY)
+        for entry in files_of(path, strict=False):
+            _fsync_fd(entry.path, os.O_RDONLY)
         for d in sorted({p.parent for p in path.rglob("*")} | {path}, key=lambda q: len(q.parts), reverse=True):
             _fsync_dir(d)
     else:
@@ -88,8 +113,10 @@ def _fsync_dir(path: Path) -> None:
 class Staged:
     """A file or folder written under a temporary name, waiting to be renamed to ``dest``."""
 
-    def __init__(self, tmp: Path, dest: Path, *, is_dir: bool, cleanup: Path | None = None) -> None:
+    def __init__(self, tmp: Path, dest: Path, *, is_dir: bool, cleanup: Path | None = None,
+                 mode: int | None = None) -> None:
         self.tmp = tmp
+        self.mode = mode  # what commit sets: whatever the writer did to ``tmp``, it ends with this
         self.dest = dest
         self.is_dir = is_dir
         self._cleanup = cleanup  # a private work folder around ``tmp``, removed at the end
@@ -99,8 +126,8 @@ class Staged:
         """Rename into place (replacing an earlier output of the same name) and flush to disk."""
         if self.done:
             return self.dest
-        mode = (0o755 if self.is_dir else 0o644) & ~umask()
-        os.chmod(self.tmp, mode)
+        if self.mode is not None:
+            os.chmod(self.tmp, self.mode)
         fsync_path(self.tmp)
         old: Path | None = None
         try:
@@ -158,11 +185,12 @@ def staged_file(dest: Path) -> Iterator[Staged]:
     The block writes ``tmp``; committing is the caller's choice (:func:`atomic_file` commits)."""
     _make_parent(dest)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL, dir=dest.parent)
+        fd, tmp = new_file(dest.parent, f".{dest.name}.", PARTIAL, 0o644)
+        mode = os.fstat(fd).st_mode & 0o777
         os.close(fd)
     except OSError as e:
         raise LLMOpsError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
-    staged = Staged(Path(tmp), dest, is_dir=False)
+    staged = Staged(tmp, dest, is_dir=False, mode=mode)
     try:
         yield staged
     except BaseException:
@@ -183,8 +211,8 @@ def staged_folder(dest: Path) -> Iterator[tuple[Staged, Path]]:
     except OSError as e:
         raise LLMOpsError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
     out = work / "out"
-    out.mkdir()
-    staged = Staged(out, dest, is_dir=True, cleanup=work)
+    out.mkdir(mode=0o755)
+    staged = Staged(out, dest, is_dir=True, cleanup=work, mode=out.stat().st_mode & 0o777)
     try:
         yield staged, work
     except BaseException:

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from llmops.core.errors import LLMOpsError
-from llmops.core.progress import EventReader, EventWriter, Reporter, as_reporter
+from llmops.core.progress import Reporter, as_reporter
+from llmops.core.progress_events import EventReader, EventWriter
 
 MARK = "\x1ellmops\x1e "  # starts a progress line on a child's stderr
 Progress = Callable[[str], None]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmops.core.atomic import new_file
 from llmops.core.errors import LLMOpsError
 from llmops.core.settings import cache_dir
 from llmops.core.hashing import sha256_text
@@ -213,14 +214,11 @@ def _without_blank_lines(text: str) -> str:
 
 
 def _write_atomic(dest: Path, text: str) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    tmp = Path(tmp_name)
+    # an ordinary file's permissions (0o666 less the umask), not mkstemp's private ones
+    fd, tmp = new_file(dest.parent, f".{dest.name}.", ".tmp", 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(text.encode("utf-8"))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,7 +2,10 @@
 
 A folder's hash is the sha256 of a manifest (relative path, size, sha256 of each
 file, sorted), so the same checkpoint copied elsewhere hashes the same, and a
-single changed byte anywhere changes it.
+single changed byte anywhere changes it. A symbolic link in a folder counts as the
+file it points to, under the link's own path (``core.walk``): a Hugging Face cache
+snapshot hashes as the same files copied out of it, and its copy in the store as
+the snapshot.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops.core.atomic import start_writeback
+from llmops.core.walk import files_of
 
 CHUNK = 1 << 20
 MAP_WINDOW = 64 << 20
@@ -57,29 +61,27 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def folder_manifest(path: str | os.PathLike[str]) -> list[dict[str, object]]:
-    root = Path(path)
-    entries = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.is_symlink():
-            entries.append(
-                {"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-            )
-    return entries
+    return [{"path": e.rel, "size": e.size, "sha256": sha256_file(e.path)} for e in files_of(path)]
+
+
+def manifest_sha256(entries: list[dict[str, object]]) -> str:
+    """A folder's hash from its manifest (``folder_manifest``'s entries, in its order)."""
+    manifest = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(manifest.encode()).hexdigest()
 
 
 def sha256_path(path: str | os.PathLike[str]) -> str:
     """sha256 of a file's bytes, or of a folder's manifest."""
     p = Path(path)
     if p.is_dir():
-        manifest = json.dumps(folder_manifest(p), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(manifest.encode()).hexdigest()
+        return manifest_sha256(folder_manifest(p))
     return sha256_file(p)
 
 
 def size_of(path: str | os.PathLike[str]) -> int:
     p = Path(path)
     if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        return sum(e.size for e in files_of(p))
     return p.stat().st_size
 
 
@@ -290,7 +292,9 @@ def link_file_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str]) 
     hard links), for the caller to copy instead. The two names are then one file: a change to
     it in place (not a rewrite under a new name) changes both, which a hash check then reports."""
     try:
-        os.link(src, dst)
+        # the file itself, never a symbolic link to it: Linux's link() links the link, and a
+        # relative one stored elsewhere points nowhere
+        os.link(os.path.realpath(src), dst)
     except OSError:
         return None
     fd = os.open(dst, os.O_RDONLY)
@@ -305,7 +309,8 @@ def copy_path_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
                       link: bool = False) -> str:
     """Copy a file or folder to ``dst`` (which must not exist) and return ``sha256_path`` of it,
     reading each source byte once. ``link``: hard-link each file instead where the filesystem
-    allows (``link_file_hashing``), copying the rest."""
+    allows (``link_file_hashing``), copying the rest. Symbolic links are followed (``core.walk``):
+    the copy holds the bytes they point to, as real files."""
     s, d = Path(src), Path(dst)
     if not s.is_dir():
         d.parent.mkdir(parents=True, exist_ok=True)
@@ -313,11 +318,10 @@ def copy_path_hashing(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
             return digest
         return copy_file_hashing(s, d, fsync=fsync)
     entries = []
-    for p in sorted(s.rglob("*")):
-        if p.is_file() and not p.is_symlink():
-            rel = p.relative_to(s)
-            (d / rel).parent.mkdir(parents=True, exist_ok=True)
-            digest = (link_file_hashing(p, d / rel) if link else None) or copy_file_hashing(p, d / rel, fsync=fsync)
-            entries.append({"path": rel.as_posix(), "size": (d / rel).stat().st_size, "sha256": digest})
-    manifest = json.dumps(entries, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(manifest.encode()).hexdigest()
+    d.mkdir(parents=True, exist_ok=True)
+    for e in files_of(s):
+        out = d / e.rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        digest = (link_file_hashing(e.path, out) if link else None) or copy_file_hashing(e.path, out, fsync=fsync)
+        entries.append({"path": e.rel, "size": out.stat().st_size, "sha256": digest})
+    return manifest_sha256(entries)

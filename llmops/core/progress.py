@@ -19,8 +19,8 @@ only warnings when quiet, and notes when verbose. :class:`CallbackReporter` turn
 messages for a plain callable (a library caller, a test), notes included, as the per-item lines
 used to be.
 
-Child processes cannot hand a reporter over: :class:`EventWriter` encodes every call as one line
-(plain messages as they are, the rest as :data:`EVENT` + JSON) and :class:`EventReader` replays
+Child processes cannot hand a reporter over: ``progress_events.EventWriter`` encodes every call as one line
+(plain messages as they are, the rest as :data:`EVENT` + JSON) and ``EventReader`` replays
 those lines on the parent's reporter (``llmops.core.child`` carries them).
 
 No third-party dependency: the bar is a line of text.
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import shutil
 import threading
 import time
@@ -368,94 +367,4 @@ def reporting(progress: Say | Reporter | None) -> Iterator[Reporter]:
         _AMBIENT.reset(token)
 
 
-# -- across a process boundary
-class EventWriter(Reporter):
-    """A reporter that writes each call as one line through ``write`` (a child's stderr): a message
-    as it is, warnings, notes and phases as :data:`EVENT` + JSON. Never raises: it may run on a
-    library's worker thread, where an exception could end the interpreter."""
-
-    def __init__(self, write: Say) -> None:
-        self._write_line = write
-        self._ids: dict[int, int] = {}
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def _send(self, event: dict[str, Any]) -> None:
-        try:
-            self._write_line(EVENT + json.dumps(event, separators=(",", ":")))
-        except Exception:  # noqa: BLE001 - see the class docstring
-            pass
-
-    def info(self, message: str) -> None:
-        try:
-            self._write_line(" ".join(str(message).split()))
-        except Exception:  # noqa: BLE001
-            pass
-
-    def warn(self, message: str) -> None:
-        self._send({"e": "warn", "msg": str(message)})
-
-    def detail(self, message: str) -> None:
-        self._send({"e": "detail", "msg": str(message)})
-
-    def _started(self, phase: Phase) -> None:
-        with self._lock:
-            self._next += 1
-            pid = self._ids[id(phase)] = self._next
-        self._send({"e": "phase", "id": pid, "name": phase.name,
-                    "total": phase.total, "unit": phase.unit, "total_bytes": phase.total_bytes})
-
-    def _advanced(self, phase: Phase, note: str | None) -> None:
-        # totals, not increments: events sent from two threads may arrive out of order
-        ev: dict[str, Any] = {"e": "advance", "id": self._ids.get(id(phase)), "done": phase.done,
-                              "nbytes": phase.nbytes}
-        if note is not None:
-            ev["note"] = note
-        self._send(ev)
-
-    def _closed(self, phase: Phase) -> None:
-        with self._lock:
-            pid = self._ids.pop(id(phase), None)
-        self._send({"e": "close", "id": pid, "ok": phase.ok})
-
-
-class EventReader:
-    """Replays an :class:`EventWriter`'s lines on ``reporter``; :meth:`close` ends the phases
-    a child left open (it crashed, or was killed) so a bar does not stay half drawn."""
-
-    def __init__(self, reporter: Reporter) -> None:
-        self.reporter = reporter
-        self._phases: dict[Any, Phase] = {}
-
-    def feed(self, line: str) -> None:
-        if not line.startswith(EVENT):
-            self.reporter.info(line)
-            return
-        try:
-            ev = json.loads(line[len(EVENT):])
-            kind = ev["e"]
-        except (ValueError, KeyError, TypeError):
-            self.reporter.info(line[len(EVENT):])
-            return
-        if kind == "warn":
-            self.reporter.warn(str(ev.get("msg", "")))
-        elif kind == "detail":
-            self.reporter.detail(str(ev.get("msg", "")))
-        elif kind == "phase":
-            self._phases[ev.get("id")] = self.reporter.phase(
-                str(ev.get("name", "")), ev.get("total"), unit=str(ev.get("unit") or "item"),
-                total_bytes=ev.get("total_bytes"))
-        elif kind == "advance":
-            p = self._phases.get(ev.get("id"))
-            if p is not None:
-                p.advance(max(0, int(ev.get("done", 0)) - p.done), nbytes=max(0, int(ev.get("nbytes", 0)) - p.nbytes),
-                          note=ev.get("note"))
-        elif kind == "close":
-            p = self._phases.pop(ev.get("id"), None)
-            if p is not None:
-                p.close(ok=bool(ev.get("ok", True)))
-
-    def close(self) -> None:
-        phases, self._phases = list(self._phases.values()), {}
-        for p in phases:
-            p.close(ok=False)
+# The cross-process side (a child's events, replayed in the parent) is in progress_events.

@@ -8,27 +8,85 @@ Errors become one line on stderr (and ``{"error": ...}`` on stdout with
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import click
 
 from llmops.app.cli import convert_cmds, registry_cmds, serve_cmds, server_cmds  # noqa: F401 - they register commands
 from llmops.app.cli.base import cli
-from llmops.app.output import emit, log
+from llmops.app.output import emit, log, redacted
 from llmops.core.errors import LLMOpsError
 from llmops.core.quiet import silence_import_noise
 
-__all__ = ["cli", "main", "run"]
+__all__ = ["Terminated", "cli", "main", "run"]
 
 
 # -- entry point ----------------------------------------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager's or CI's stop, ``kill``), raised where the command is, so that
+    it unwinds exactly as Ctrl-C does: staged outputs discarded, children killed, scratch folders
+    removed. A KeyboardInterrupt, so every cleanup that handles Ctrl-C handles it too."""
+
+
+# Commands with their own shutdown on SIGTERM: they stop their server (uvicorn's graceful drain,
+# MLflow's process group) and end with status 0.
+OWN_SHUTDOWN = ("serve", "ui")
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The command ``args`` name, after the group's own options (``--store DIR``, ``--json``)."""
+    with_value = {o for p in cli.params if isinstance(p, click.Option) and not p.is_flag for o in p.opts}
+    it = iter(args)
+    for arg in it:
+        if arg == "--":
+            return next(it, None)
+        if arg in with_value:
+            next(it, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds(args: list[str]) -> Iterator[None]:
+    """While the command runs, SIGTERM raises :class:`Terminated` (once: a second one while the
+    first unwinds is ignored, so the cleanup is not cut short). Signal handlers belong to the main
+    thread; elsewhere, and for :data:`OWN_SHUTDOWN`, nothing changes."""
+    if _command_name(args) in OWN_SHUTDOWN or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def terminate(signum: int, _frame: object) -> None:
+        if not fired:
+            fired.append(signum)
+            raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _fail(message: str, code: int, json_mode: bool) -> int:
-    message = " ".join(message.split())
+    message = " ".join(redacted(message).split())
     if json_mode:
         emit(True, {"error": message})
     log(f"error: {message}")
     return code
+
+
+def _interrupted(exc: BaseException, json_mode: bool) -> int:
+    if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):  # click wraps it in Abort
+        return _fail("terminated", TERMINATED_EXIT, json_mode)
+    return _fail("interrupted", 130, json_mode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     silence_import_noise()
     json_mode = "--json" in args
     try:
-        cli.main(args=args, prog_name="llmops", standalone_mode=False)
+        with _sigterm_unwinds(args):
+            cli.main(args=args, prog_name="llmops", standalone_mode=False)
         return 0
     except LLMOpsError as exc:
         return _fail(str(exc), exc.exit_code, json_mode and not exc.reported)
@@ -44,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.ClickException as exc:
         return _fail(exc.format_message(), exc.exit_code, json_mode)
-    except click.exceptions.Abort:
-        return _fail("interrupted", 130, json_mode)
-    except KeyboardInterrupt:
-        return _fail("interrupted", 130, json_mode)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        return _interrupted(exc, json_mode)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except BrokenPipeError:

@@ -19,6 +19,9 @@ from llmops.core.errors import UsageError
 @click.option("--threads", type=click.IntRange(1), help="CPU threads (default: the runtime's own).")
 @click.option("--api-key", envvar="LLMOPS_API_KEY", help="Require 'Authorization: Bearer KEY'. Prefer $LLMOPS_API_KEY: "
               "a value on the command line is visible to other users (ps).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Without an API key, requests must name this server by a loopback name or an IP address "
+                   "(a DNS-rebinding guard); allow this DNS name too (repeatable).")
 @click.option("--ctx", "n_ctx", default=2048, show_default=True, type=click.IntRange(16),
               help="Context size in tokens (ONNX: at most the model's).")
 @click.option("--max-tokens", default=1024, show_default=True, type=click.IntRange(1),
@@ -31,7 +34,8 @@ from llmops.core.errors import UsageError
 @click.option("--trace/--no-trace", default=True, show_default=True,
               help="Write an MLflow trace per request (asynchronously) into the store.")
 @common
-def serve(ref: str, host: str, port: int, device: str, threads: int | None, api_key: str | None, n_ctx: int,
+def serve(ref: str, host: str, port: int, device: str, threads: int | None, api_key: str | None,
+          allowed_hosts: tuple[str, ...], n_ctx: int,
           max_tokens: int, max_queue: int, max_request_bytes: str, poll_s: float, trace: bool) -> None:
     """Serve REF behind an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics).
@@ -44,6 +48,7 @@ def serve(ref: str, host: str, port: int, device: str, threads: int | None, api_
 
     state = _state()
     code = run_server(state.store, ref, host=host, port=port, device=device, threads=threads, api_key=api_key,
+                      allowed_hosts=allowed_hosts,
                       n_ctx=n_ctx, max_tokens=max_tokens, max_queue=max_queue,
                       max_body_bytes=parse_size(max_request_bytes), poll_s=poll_s, trace=trace, json_mode=state.json)
     if code:

@@ -31,9 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmops.app.serving import schemas
 from llmops.app.serving.deploy import AliasWatcher, Deployment, Router, Source
 from llmops.app.serving.engines import GenParams, Generation, NoChatTemplate
+from llmops.app.serving.guard import HostGuard, is_loopback_address, parse_json, require_json
 from llmops.app.serving.metrics import Metrics
 from llmops.app.serving.schemas import BadRequest
-from llmops.app.serving.tracing import RequestRecord, Tracer, clip
+from llmops.app.serving.tracing import RequestRecord, Tracer, bound_messages, clip
 from llmops.registry import traces as T
 
 VERSION_HEADER = "X-Llmops-Model-Version"
@@ -60,6 +61,7 @@ class ServerState:
     tracer: Tracer
     limits: Limits
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
     watcher: AliasWatcher | None = None
     pending: int = 0
     started_at: float = field(default_factory=time.time)
@@ -101,6 +103,8 @@ class _Stream(StreamingResponse):
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="llmops serve", docs_url=None, redoc_url=None, openapi_url=None)
     metrics, tracer, limits = state.metrics, state.tracer, state.limits
+    app.add_middleware(HostGuard, api_key=state.api_key, allowed_hosts=state.allowed_hosts,
+                       on_refused=lambda path: metrics.refused.labels(path.strip("/") or "/", "403").inc())
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -125,10 +129,19 @@ def create_app(state: ServerState) -> FastAPI:
         return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY' (the server's --api-key "
                            "or LLMOPS_API_KEY)", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
+    def may_see_details(request: Request) -> bool:
+        """The model's location, hash and swap errors go to a client with the key, or, where no key
+        is set, to a client on this machine; anyone else learns only that the server is up."""
+        if state.api_key:
+            return authorized(request)
+        return request.client is not None and is_loopback_address(request.client.host)
+
     # -- plain endpoints ----------------------------------------------------------------
     @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health(request: Request) -> JSONResponse:
         d = state.router.current
+        if not may_see_details(request):
+            return JSONResponse({"status": "ok"})
         w = state.watcher
         return JSONResponse({
             "status": "ok", "ref": state.source.ref, **d.describe(),
@@ -136,7 +149,8 @@ def create_app(state: ServerState) -> FastAPI:
             "following": f"models:/{state.source.name}@{state.source.alias}" if w else None,
             "swapping_to": w.swapping if w else None,
             "last_swap": w.last_swap.to_dict() if w and w.last_swap else None,
-            "traces": {"enabled": tracer.enabled, "written": tracer.written, "failed": tracer.failed},
+            "traces": {"enabled": tracer.enabled, "written": tracer.written, "failed": tracer.failed,
+                       "dropped": tracer.dropped},
             "uptime_s": round(time.time() - state.started_at, 3),
         }, headers=_version_headers(d))
 
@@ -167,7 +181,9 @@ def create_app(state: ServerState) -> FastAPI:
         return await _complete(request, "completions")
 
     # -- the generation path ------------------------------------------------------------
-    async def read_body(request: Request) -> Any:
+    async def read_body(request: Request) -> tuple[Any, int]:
+        """The JSON body and its size in bytes."""
+        require_json(request.headers.get("content-type"))
         cl = request.headers.get("content-length", "")
         if cl.isdigit() and int(cl) > limits.max_body_bytes:
             raise BadRequest(f"request body of {cl} bytes exceeds this server's limit of {limits.max_body_bytes} "
@@ -178,10 +194,7 @@ def create_app(state: ServerState) -> FastAPI:
             if len(buf) > limits.max_body_bytes:
                 raise BadRequest(f"request body exceeds this server's limit of {limits.max_body_bytes} bytes "
                                  "(--max-request-bytes)", status=413, code="request_too_large")
-        try:
-            return json.loads(bytes(buf))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BadRequest(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        return parse_json(bytes(buf)), len(buf)
 
     def check_model(req: schemas._Sampling, d: Deployment) -> None:
         if req.model in (None, "", d.name, d.label, state.source.ref, f"models:/{d.label}"):
@@ -214,7 +227,8 @@ def create_app(state: ServerState) -> FastAPI:
             return unauthorized(endpoint)
         kind = schemas.ChatRequest if endpoint == "chat.completions" else schemas.CompletionRequest
         try:
-            req = schemas.parse(kind, await read_body(request))
+            body, body_bytes = await read_body(request)
+            req = schemas.parse(kind, body)
             check_model(req, state.router.current)
             params = params_of(req)
             if params.max_tokens > limits.max_tokens:
@@ -239,7 +253,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             if isinstance(req, schemas.ChatRequest):
                 msgs = [m.for_template() for m in req.messages]
-                rec.inputs = {"messages": [{"role": m["role"], "content": clip(m["content"])} for m in msgs]}
+                rec.inputs = {"messages": bound_messages(msgs)}
                 build = lambda: d.engine.chat_prompt(msgs)  # noqa: E731
             else:
                 text = req.text()
@@ -376,6 +390,8 @@ def create_app(state: ServerState) -> FastAPI:
             return _Stream(events(), lambda: close_stream(False, []), media_type="text/event-stream", headers=headers)
         except BadRequest as e:
             rec.status, rec.http_status, rec.error = T.STATUS_REJECTED, e.status, e.message
+            # a refused request is traced by its size, never its body: a client could fill the store
+            rec.inputs = {"refused_body_bytes": body_bytes}
             metrics.refused.labels(endpoint, str(e.status)).inc()
             return _error(e.status, e.message, code=e.code, param=e.param, headers={**e.headers, **_version_headers(d)})
         except asyncio.CancelledError:

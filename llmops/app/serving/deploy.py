@@ -17,7 +17,6 @@ query.
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -181,9 +180,23 @@ class Loader:
         self.link_traces = link_traces
 
     def fetch(self, name: str, version: str) -> Fetched:
-        """The version's bytes on local disk, re-hashed and compared with the registry's sha256."""
-        from llmops.core.hashing import sha256_path
-        from llmops.core.settings import cache_dir
+        """The version's bytes on local disk, checked against the registry's sha256, at a path
+        that nothing but the store or this cache writes to.
+
+        What is loaded must be what was verified, and llama.cpp and onnxruntime open the file
+        again by its name after the check (and map it: a change in place reaches a running
+        server). A store file is the store's own copy. One registered with ``--link`` is not:
+        it is also its owner's file, and an edit of it in place, between the check and the
+        load or later, would go live unverified. Bytes with another hard link are therefore
+        copied into the serve cache (a reflink where the filesystem has them), hashed on the
+        way, the hash being of the copy's own bytes, and served from that private, read-only
+        copy: one read, as the check alone costs, and disk space only for linked versions.
+
+        Behind a tracking server the bytes are downloaded into the same cache, checked before
+        they take their place; a cache entry is re-hashed before each use, and one that no
+        longer matches is removed and fetched again."""
+        from llmops.app.serving.cache import cached, check, shared
+        from llmops.core.hashing import copy_path_hashing, sha256_path
         from llmops.registry import artifacts
         from llmops.registry.versions import artifact_for, resolve_model_version, run_of
 
@@ -191,35 +204,25 @@ class Loader:
         art = artifact_for(self.store, "model", name, str(mv.version))
         if art is None:
             raise LLMOpsError(f"models:/{name}/{version} has no llmops record (no sha256 to check its bytes against)")
+        label = f"models:/{name}/{version}"
         local = artifacts.local_path(art.uri)
         if local is None:
-            # Behind a tracking server: downloaded once into the cache, in a folder named by the
-            # hash the bytes must have (and are checked against below, every time).
-            import tempfile
-
             import mlflow.artifacts
 
-            root = cache_dir() / "serve"
-            root.mkdir(parents=True, exist_ok=True)
-            dest = root / art.sha256
-            if not dest.exists():
-                tmp = tempfile.mkdtemp(prefix=".download-", dir=root)
-                mlflow.artifacts.download_artifacts(artifact_uri=art.uri, dst_path=tmp,
-                                                    tracking_uri=self.store.settings.tracking_uri)
-                try:
-                    os.replace(tmp, dest)
-                except OSError:  # another server downloaded it first
-                    import shutil
+            def download(tmp: Path) -> str:
+                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=art.uri, dst_path=str(tmp),
+                                                               tracking_uri=self.store.settings.tracking_uri))
+                return sha256_path(got)
 
-                    shutil.rmtree(tmp, ignore_errors=True)
-            local = dest / art.uri.rstrip("/").rsplit("/", 1)[-1]
-        if not local.exists():
-            raise LLMOpsError(f"the stored bytes of models:/{name}/{version} are missing: {local}")
-        actual = sha256_path(local)
-        if actual != art.sha256:
-            raise LLMOpsError(f"the stored bytes of models:/{name}/{version} do not match the registry "
-                              f"(sha256 {actual[:16]}…, recorded {art.sha256[:16]}…): refusing to load them")
-        return Fetched(local, art.sha256, art.format, run_of(mv))
+            path = cached(art.sha256, art.uri, label, download)
+        elif not local.exists():
+            raise LLMOpsError(f"the stored bytes of {label} are missing: {local}")
+        elif shared(local):
+            path = cached(art.sha256, art.uri, label, lambda tmp: copy_path_hashing(local, tmp / local.name, fsync=False))
+        else:
+            check(sha256_path(local), art.sha256, label)
+            path = local
+        return Fetched(path, art.sha256, art.format, run_of(mv))
 
     def deploy(self, name: str, version: str, alias: str | None) -> Deployment:
         t0 = time.perf_counter()

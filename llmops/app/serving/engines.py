@@ -243,11 +243,11 @@ class OnnxGenaiEngine:
         import numpy as np
         import onnxruntime_genai as og
 
+        from llmops.core.genai_config import check_folder
+
         folder = Path(folder)
-        cfg_path = folder / "genai_config.json"
-        if not cfg_path.is_file():
-            raise LLMOpsError(f"{folder} has no genai_config.json: not an onnxruntime-genai folder")
-        genai = json.loads(cfg_path.read_text())
+        # before onnxruntime-genai reads it: the file can name native libraries and paths out of the folder
+        genai = check_folder(folder)
         self._og, self._np = og, np
         config = og.Config(str(folder))
         if threads:

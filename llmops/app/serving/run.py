@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from llmops.app.output import emit, log
-from llmops.app.server import is_loopback, port_free
+from llmops.app.server import is_loopback, port_free, url_host
 from llmops.core.errors import LLMOpsError, UsageError
 
 
@@ -21,7 +21,8 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1", port: int = 8000,
-          device: str = "cpu", threads: int | None = None, api_key: str | None = None, n_ctx: int = 2048,
+          device: str = "cpu", threads: int | None = None, api_key: str | None = None,
+          allowed_hosts: tuple[str, ...] = (), n_ctx: int = 2048,
           max_tokens: int = 1024, max_queue: int = 16, max_body_bytes: int = 1 << 20, poll_s: float = 2.0,
           trace: bool = True, json_mode: bool = False) -> int:
     from llmops.app.serving.deploy import AliasWatcher, Loader, Router, parse_source
@@ -63,7 +64,7 @@ def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1"
     tracer = Tracer(store, tracing, log)
     state = ServerState(source=source, router=router, metrics=metrics, tracer=tracer,
                         limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue),
-                        api_key=api_key or None)
+                        api_key=api_key or None, allowed_hosts=tuple(allowed_hosts))
     if source.kind == "alias":
         def on_swap(ev) -> None:  # noqa: ANN001 - deploy.SwapEvent
             metrics.swaps.labels(source.name, "ok" if ev.ok else "failed").inc()
@@ -78,7 +79,7 @@ def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1"
     import uvicorn
 
     app = create_app(state)
-    url = f"http://{host}:{port}"
+    url = f"http://{url_host(host)}:{port}"
 
     cleaned = []
 

@@ -25,12 +25,37 @@ from typing import Any
 
 from llmops.registry import traces as T
 
-MAX_TEXT = 4000
+MAX_TEXT = 4000  # characters of one text (a message, a prompt, the output) a trace keeps
+MAX_INPUT_TEXT = 16000  # characters of all of one request's messages together
+MAX_QUEUE_BYTES = 32 << 20  # records waiting for the writer, by their size, not only their number
 
 
-def clip(text: str) -> str:
-    """Text as a trace keeps it: the first ``MAX_TEXT`` characters."""
-    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + f"… ({len(text) - MAX_TEXT} more characters)"
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """Text as a trace keeps it: the first ``limit`` characters."""
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more characters)"
+
+
+def bound_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """A request's messages as its trace keeps them: each clipped, and all of them within
+    ``MAX_INPUT_TEXT`` characters (the first ones; the rest counted), so a trace's size is
+    bounded by this module, not by the request body a client chose."""
+    out: list[dict[str, str]] = []
+    used = 0
+    for i, m in enumerate(messages):
+        room = min(MAX_TEXT, MAX_INPUT_TEXT - used)
+        if room <= 0:
+            out.append({"role": "llmops", "content": f"({len(messages) - i} more messages not kept)"})
+            break
+        content = clip(m["content"], room)
+        used += len(content)
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def record_bytes(r: "RequestRecord") -> int:
+    """About what a record costs in the queue and the writer: its texts (everything else is a
+    few numbers)."""
+    return 512 + len(repr(r.inputs)) + len(r.output) + len(r.error or "")
 
 
 @dataclass
@@ -139,7 +164,7 @@ class TraceWriter:
             pt, ct = r.prompt_tokens, r.completion_tokens or 0
             span.set_attribute(self._usage_key, {"input_tokens": pt, "output_tokens": ct, "total_tokens": pt + ct})
         end_ns = r.start_ns + int(((r.t_end if r.t_end is not None else r.t_arrival) - r.t_arrival) * 1e9)
-        outputs = {"text": clip(r.output), "finish_reason": r.finish_reason}
+        outputs = {"text": clip(r.output), "finish_reason": r.finish_reason}  # clipped again: inline use
         span.end(outputs=outputs, status="OK" if r.status in (T.STATUS_OK, T.STATUS_CANCELLED) else "ERROR",
                  end_time_ns=end_ns)
 
@@ -172,7 +197,7 @@ def _stderr(message: str) -> None:
     sys.stderr.flush()
 
 
-def _writer_main(q, tracking_uri: str, experiment_id: str, parent: int, written, failed, sqlite: bool) -> None:  # noqa: ANN001
+def _writer_main(q, tracking_uri: str, experiment_id: str, parent: int, written, failed, queued, sqlite: bool) -> None:  # noqa: ANN001
     """The writer process: lowest CPU priority, records from ``q`` until ``None`` (or the parent is gone)."""
     import signal
 
@@ -184,8 +209,9 @@ def _writer_main(q, tracking_uri: str, experiment_id: str, parent: int, written,
         os.nice(19)
     except OSError:
         pass
-    # A burst of requests outruns the store for a while: MLflow's own queue holds it (bounded).
-    os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE", "10000")
+    # A burst of requests outruns the store for a while: MLflow's own queue holds it (bounded;
+    # each trace is at most a few tens of kB, see bound_messages).
+    os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE", "2000")
     if sqlite:
         # one SQLite file takes one writer at a time: a few export threads, not MLflow's ten
         os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS", "2")
@@ -202,8 +228,11 @@ def _writer_main(q, tracking_uri: str, experiment_id: str, parent: int, written,
             continue
         if item is None:
             break
-        writer.write(*item)
+        kind, payload, size = item
+        writer.write(kind, payload)
         written.value, failed.value = writer.written, writer.failed
+        with queued.get_lock():
+            queued.value -= size
     if not writer.flush(120.0):
         _stderr("warning: some traces were still being written when the trace writer stopped")
 
@@ -212,8 +241,10 @@ class Tracer:
     """The serving side: queues request and swap records for the writer process (or does
     nothing, with ``enabled=False``)."""
 
-    def __init__(self, store, enabled: bool, log, *, max_queue: int = 10000) -> None:  # noqa: ANN001 - Store, a log function
+    def __init__(self, store, enabled: bool, log, *, max_queue: int = 10000,  # noqa: ANN001 - Store, a log function
+                 max_queue_bytes: int = MAX_QUEUE_BYTES) -> None:
         self.enabled = enabled
+        self.max_queue_bytes = max_queue_bytes
         self.log = log
         self.dropped = 0
         self._warned_full = False
@@ -226,11 +257,12 @@ class Tracer:
         self._q = ctx.Queue(maxsize=max_queue)
         self._written = ctx.Value("q", 0)
         self._failed = ctx.Value("q", 0)
+        self._queued = ctx.Value("q", 0)  # bytes of the records not yet written
         settings = store.settings
         self._proc = ctx.Process(
             target=_writer_main, name="llmops-trace-writer", daemon=True,
             args=(self._q, settings.tracking_uri, store.experiment_id, os.getpid(), self._written, self._failed,
-                  settings.is_sqlite and settings.tracking_is_local_db))
+                  self._queued, settings.is_sqlite and settings.tracking_is_local_db))
         self._proc.start()
 
     @property
@@ -241,11 +273,19 @@ class Tracer:
     def failed(self) -> int:
         return int(self._failed.value) if self.enabled else 0
 
-    def _put(self, item: tuple[str, Any]) -> None:
+    @property
+    def queued_bytes(self) -> int:
+        return int(self._queued.value) if self.enabled else 0
+
+    def _put(self, kind: str, payload: Any, size: int) -> None:
         if self._proc is None:
             return  # closed
         try:
-            self._q.put_nowait(item)
+            with self._queued.get_lock():
+                if self._queued.value + size > self.max_queue_bytes:
+                    raise queue.Full
+                self._q.put_nowait((kind, payload, size))
+                self._queued.value += size
         except queue.Full:
             self.dropped += 1
             if not self._warned_full:
@@ -255,14 +295,16 @@ class Tracer:
 
     def request(self, r: RequestRecord) -> None:
         if self.enabled:
-            self._put(("request", r))
+            r.output = clip(r.output)
+            r.error = r.error[:500] if r.error else r.error
+            self._put("request", r, record_bytes(r))
 
     def swap(self, *, name: str, alias: str, from_version: str | None, to_version: str, ok: bool, seconds: float,
              error: str | None, logged_model_id: str | None) -> None:
         if self.enabled:
-            self._put(("swap", {"name": name, "alias": alias, "from_version": from_version, "to_version": to_version,
+            self._put("swap", {"name": name, "alias": alias, "from_version": from_version, "to_version": to_version,
                                 "ok": ok, "seconds": seconds, "error": error, "logged_model_id": logged_model_id,
-                                "at_ns": time.time_ns()}))
+                                "at_ns": time.time_ns()}, 1024 + len(error or ""))
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Stop the writer once it has written what is queued (at most ``timeout`` seconds)."""
