@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install "torch==2.13.0"
-	$(BIN)/python -m pip install -e ".[dev,postgres]"
+	$(BIN)/python -m pip install -e ".[dev,postgres,fleet]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_gptq.py
 	$(BIN)/python bench/bench_lineage.py
 	$(BIN)/python bench/bench_register.py
+	$(BIN)/python bench/bench_fleet.py
 
 # A synthetic Llama-7B-shaped bf16 checkpoint (32 layers, 13.5 GB, written and removed by the
 # script; about 35 GB of free disk) to gguf-q4 against llama.cpp's two steps, then registering the

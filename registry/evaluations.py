@@ -37,6 +37,9 @@ class Evaluation:
     purpose: str = "verification"
     link: bool = True  # draw the evaluated_on edge (the dataset was what was evaluated on)
     edge_parameters: dict[str, Any] = field(default_factory=dict)
+    target: str | None = None  # measured on a fleet target (``llmops bench --on``), by this node
+    node: str | None = None
+    job_key: str | None = None  # the fleet job: its results are recorded once
 
 
 def link_evaluated_on(session: Session, dataset_artifact_id: int, artifact_id: int, parameters: dict[str, Any],
@@ -66,19 +69,22 @@ def write(session: Session, artifact_id: int, evaluation: Evaluation, run: Run |
                                    **evaluation.edge_parameters}, run.id if run is not None else None)
     results.record(session, artifact_id=artifact_id, hardware=evaluation.hardware, backend=evaluation.backend,
                    device=evaluation.device, measurements=evaluation.measurements, run=run,
-                   eval_dataset_id=dataset_art.id if dataset_art is not None else None)
+                   eval_dataset_id=dataset_art.id if dataset_art is not None else None, target=evaluation.target,
+                   node=evaluation.node, job_key=evaluation.job_key)
     return added
 
 
 def record_bench(store: Store, *, ref: str | None, path: Path, kind: str, fmt: str | None, quant: str | None,
                  evaluation: Evaluation, parameters: dict[str, Any], tool_versions: dict[str, str],
                  seconds: float, mlflow_metrics: dict[str, float] | None = None,
-                 log_dataset: bool = False) -> str:
+                 log_dataset: bool = False) -> str | None:
     """An ``llmops bench`` of one artifact: a run row, its results, the ``evaluated_on`` edge (when
     accuracy was measured on a dataset), and for a registered version its ``bench.*`` metrics and
     dataset input on the version's MLflow run, the metrics also on its LoggedModel (created for a
     version registered before LoggedModels), and the lineage picture redrawn when the edge is new.
-    Returns the hardware fingerprint."""
+    A fleet target's figures are named ``TARGET/bench.METRIC`` on the run (the MLflow UI groups
+    a run's charts by the part before the slash: one section per target). A fleet job already
+    recorded records nothing again. Returns the hardware fingerprint (None: recorded before)."""
     from llmops.registry import logged_models
     from llmops.registry.tables import Artifact
     from llmops.registry.versions import resolve_artifact, resolve_model_version, run_of
@@ -89,6 +95,8 @@ def record_bench(store: Store, *, ref: str | None, path: Path, kind: str, fmt: s
     # found (or made) before this run's results exist, so that a new one does not log them twice
     model_id = logged_models.for_version(store, mv.name, str(mv.version), mlflow_run) if mlflow_run else None
     with store.session() as s:
+        if evaluation.job_key is not None and results.recorded(s, evaluation.job_key):
+            return None
         if known is not None:
             art = s.get(Artifact, known.id)
         else:
@@ -107,7 +115,8 @@ def record_bench(store: Store, *, ref: str | None, path: Path, kind: str, fmt: s
 
             log_use(store, mlflow_run, evaluation.dataset, "evaluation")
         protocols = {m.metric: m.protocol for m in evaluation.measurements}
-        figures = [logged_models.Figure(f"bench.{k}", float(v), protocols.get(k),
+        prefix = f"{evaluation.target}/bench." if evaluation.target else "bench."
+        figures = [logged_models.Figure(f"{prefix}{k}", float(v), protocols.get(k),
                                         evaluation.dataset if (protocols.get(k) or {}).get("family") == "accuracy"
                                         else None)
                    for k, v in (mlflow_metrics or {}).items() if v == v]

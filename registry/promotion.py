@@ -46,6 +46,7 @@ class PromotionResult:
     hardware: str | None
     audit_id: int | None = None
     ci: dict[str, str] = field(default_factory=dict)
+    target: str | None = None  # the fleet target whose results the gates read (None: this machine's)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,13 +91,15 @@ SIZE = Provenance(None, "file_mb, size of the stored bytes")
 PRODUCTION = Provenance(None, "prod_*, requests this version served through llmops serve (traces, last 24 h)")
 
 
-def measure(store: Store, name: str, version: str, previous: str | None, hardware: str | None = None) -> Measured:
+def measure(store: Store, name: str, version: str, previous: str | None, hardware: str | None = None,
+            target: str | None = None) -> Measured:
     """Per metric, the newest result for the version on one machine (``hardware``, else that of
-    its newest result) defines the protocol; a ``*_ratio`` divides by the alias holder's newest
-    result of that same protocol on that same machine, and is missing (with a note) without one."""
+    its newest result; of fleet ``target``, or measured locally) defines the protocol; a ``*_ratio``
+    divides by the alias holder's newest result of that same protocol on that same machine and
+    target, and is missing (with a note) without one."""
     art = _artifact(store, name, version)
     with store.session() as s:
-        rs = results.latest(s, art.id, hardware)
+        rs = results.latest(s, art.id, hardware, target)
         out = Measured(hardware=rs.hardware_fingerprint)
         for metric, r in rs.results.items():
             out.metrics[metric] = r.value
@@ -110,11 +113,12 @@ def measure(store: Store, name: str, version: str, previous: str | None, hardwar
             if metric == "file_mb":
                 continue
             prov = out.provenance[metric]
-            theirs = results.comparable(s, holder.id, metric, r.protocol_key, r.hardware_fingerprint)
+            theirs = results.comparable(s, holder.id, metric, r.protocol_key, r.hardware_fingerprint, target)
             if theirs is None:
                 out.notes[f"{metric}_ratio"] = (
                     f"no comparable result: the holder models:/{name}/{previous} has no {metric} under protocol "
-                    f"{prov.protocol} ({prov.summary}) on hardware {r.hardware_fingerprint[:12]}")
+                    f"{prov.protocol} ({prov.summary}) on hardware {r.hardware_fingerprint[:12]}"
+                    + (f" of target {target}" if target else ""))
             elif theirs.value != 0:
                 out.metrics[f"{metric}_ratio"] = r.value / theirs.value
                 out.provenance[f"{metric}_ratio"] = prov
@@ -142,7 +146,10 @@ def _holder(store: Store, name: str, alias: str) -> str | None:
 
 def promote(store: Store, name: str, version: str, *, alias: str = "production", gates: list[Gate] | None = None,
             prompt: str | None = None, hardware: str | None = None, stage: str | None = None,
-            dry_run: bool = False, force: bool = False, reason: str | None = None) -> PromotionResult:
+            dry_run: bool = False, force: bool = False, reason: str | None = None,
+            target: str | None = None) -> PromotionResult:
+    """Move ``alias`` onto the version when every gate passes. ``target``: the gates read that fleet
+    target's results (``llmops bench --on``), not those measured on this machine."""
     validate_name(name, "model name")
     validate_name(alias, "alias")
     if force and not (reason and reason.strip()):
@@ -153,7 +160,7 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
     gates = gates or []
     with named_lock(store, f"promote:{name}"):
         previous = _holder(store, name, alias)
-        measured = measure(store, name, version, previous, hardware)
+        measured = measure(store, name, version, previous, hardware, target)
         if any(g.metric.startswith("prod_") for g in gates):
             # what production saw: the requests this version served through llmops serve
             for metric, value in traces.gate_metrics(store, name, version).items():
@@ -165,7 +172,7 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
         verdict = "passed" if passed else ("forced" if force else "failed")
         moved = (passed or force) and not dry_run
         result = PromotionResult(name, version, alias, previous, verdict, moved, dry_run,
-                                 [g.to_dict() for g in gate_results], metrics, fp, ci=ci_metadata())
+                                 [g.to_dict() for g in gate_results], metrics, fp, ci=ci_metadata(), target=target)
         if dry_run:
             return result
         model_art = _artifact(store, name, version)
@@ -176,7 +183,7 @@ def promote(store: Store, name: str, version: str, *, alias: str = "production",
         with store.session() as s:
             row = Promotion(model=name, version=version, alias=alias, previous_version=previous,
                             gates=result.gates, verdict=verdict, forced=force and not passed,
-                            reason=reason, actor=actor(), ci=result.ci)
+                            reason=reason, actor=actor(), ci=result.ci, target=target)
             s.add(row)
             if prompt_art is not None and moved:
                 with s.no_autoflush:
@@ -257,6 +264,6 @@ def audit(store: Store, name: str) -> list[dict[str, Any]]:
         return [
             {"id": r.id, "model": r.model, "version": r.version, "alias": r.alias, "previous_version": r.previous_version,
              "verdict": r.verdict, "forced": r.forced, "reason": r.reason, "gates": r.gates, "actor": r.actor,
-             "ci": r.ci, "created_at": r.created_at}
+             "ci": r.ci, "created_at": r.created_at, "target": r.target}
             for r in rows
         ]

@@ -93,7 +93,13 @@ class ResultSet:
 
 
 def record(session: Session, *, artifact_id: int, hardware: dict[str, Any], backend: str, device: str,
-           measurements: list[Measurement], run: Run | None = None, eval_dataset_id: int | None = None) -> list[BenchmarkResult]:
+           measurements: list[Measurement], run: Run | None = None, eval_dataset_id: int | None = None,
+           target: str | None = None, node: str | None = None, job_key: str | None = None) -> list[BenchmarkResult]:
+    """The rows of one evaluation. A fleet job's results carry its ``job_key``: a job already
+    recorded (its driver retried, a result delivered twice) records nothing again, and the
+    unique index on (job_key, metric) refuses a concurrent second writer."""
+    if job_key is not None and recorded(session, job_key):
+        return []
     hw = upsert_hardware(session, hardware)
     now = utcnow()
     rows = []
@@ -102,17 +108,31 @@ def record(session: Session, *, artifact_id: int, hardware: dict[str, Any], back
         rows.append(BenchmarkResult(
             run_id=run.id if run else None, artifact_id=artifact_id, hardware_id=hw.id, backend=backend,
             device=device, metric=m.metric, value=float(m.value), unit=m.unit, eval_dataset_id=eval_dataset_id,
-            protocol=protocol, protocol_key=protocols.protocol_key(protocol), created_at=now))
+            protocol=protocol, protocol_key=protocols.protocol_key(protocol), created_at=now, target=target,
+            node=node, job_key=job_key))
     session.add_all(rows)
     session.flush()
     return rows
 
 
-def history(session: Session, artifact_id: int, hardware_fingerprint: str | None = None) -> list[Result]:
-    """Every result of an artifact (on machines whose fingerprint starts with the given one), newest first."""
+def recorded(session: Session, job_key: str) -> bool:
+    """Whether the results of this fleet job are in."""
+    return session.scalars(select(BenchmarkResult.id).where(BenchmarkResult.job_key == job_key).limit(1)).first() is not None
+
+
+def _on_target(target: str | None):  # noqa: ANN202 - a SQL condition
+    """Results of a fleet target, or (None) those measured on the machine that ran llmops: the two
+    are kept apart, so a gate or a table reads one place's figures."""
+    return BenchmarkResult.target.is_(None) if target is None else BenchmarkResult.target == target
+
+
+def history(session: Session, artifact_id: int, hardware_fingerprint: str | None = None,
+            target: str | None = None) -> list[Result]:
+    """Every result of an artifact (on machines whose fingerprint starts with the given one; on
+    ``target``, or measured locally), newest first."""
     q = (select(BenchmarkResult, Hardware.fingerprint)
          .join(Hardware, BenchmarkResult.hardware_id == Hardware.id)
-         .where(BenchmarkResult.artifact_id == artifact_id))
+         .where(BenchmarkResult.artifact_id == artifact_id, _on_target(target)))
     if hardware_fingerprint:
         q = q.where(Hardware.fingerprint.startswith(hardware_fingerprint))
     rows = session.execute(q.order_by(BenchmarkResult.created_at.desc(), BenchmarkResult.id.desc())).all()
@@ -122,11 +142,13 @@ def history(session: Session, artifact_id: int, hardware_fingerprint: str | None
             for r, fp in rows]
 
 
-def latest(session: Session, artifact_id: int, hardware_fingerprint: str | None = None) -> ResultSet:
-    """Newest value per metric; on the given machine, else on the machine of the newest result.
+def latest(session: Session, artifact_id: int, hardware_fingerprint: str | None = None,
+           target: str | None = None) -> ResultSet:
+    """Newest value per metric; on the given machine, else on the machine of the newest result
+    (of ``target``, or measured locally).
 
     The newest result of a metric defines the protocol that metric is read under."""
-    rows = history(session, artifact_id, hardware_fingerprint)
+    rows = history(session, artifact_id, hardware_fingerprint, target)
     if not rows:
         return ResultSet(artifact_id, hardware_fingerprint)
     fp = rows[0].hardware_fingerprint
@@ -138,11 +160,12 @@ def latest(session: Session, artifact_id: int, hardware_fingerprint: str | None 
 
 
 def comparable(session: Session, artifact_id: int, metric: str, protocol_key: str,
-               hardware_fingerprint: str) -> Result | None:
-    """The newest result of ``metric`` for an artifact with exactly this protocol on exactly this machine."""
+               hardware_fingerprint: str, target: str | None = None) -> Result | None:
+    """The newest result of ``metric`` for an artifact with exactly this protocol on exactly this
+    machine (of ``target``, or measured locally)."""
     q = (select(BenchmarkResult, Hardware.fingerprint)
          .join(Hardware, BenchmarkResult.hardware_id == Hardware.id)
-         .where(BenchmarkResult.artifact_id == artifact_id, BenchmarkResult.metric == metric,
+         .where(BenchmarkResult.artifact_id == artifact_id, BenchmarkResult.metric == metric, _on_target(target),
                 BenchmarkResult.protocol_key == protocol_key, Hardware.fingerprint == hardware_fingerprint)
          .order_by(BenchmarkResult.created_at.desc(), BenchmarkResult.id.desc()))
     row = session.execute(q).first()
@@ -184,15 +207,17 @@ def _preferred(results: list[Result], metric: str) -> Result | None:
     return next((r for r in candidates if r.kind == PREFERRED_KIND), candidates[0] if candidates else None)
 
 
-def compare(store, artifact_ids: list[int], any_hardware: bool = False) -> Comparison:  # noqa: ANN001 - Store
+def compare(store, artifact_ids: list[int], any_hardware: bool = False,  # noqa: ANN001 - Store
+            target: str | None = None) -> Comparison:
     """The table ``llmops bench compare`` prints, as results: one hardware fingerprint (the first
     artifact's newest result's, unless ``any_hardware``), and per metric one protocol: that of the
-    first artifact's preferred result (newest of the ``bench`` kind, else newest), bench first."""
+    first artifact's preferred result (newest of the ``bench`` kind, else newest), bench first;
+    results of ``target``, or (None) those measured on the machine running llmops."""
     fp: str | None = None
     histories: list[list[Result]] = []
     with store.session() as s:
         for art_id in artifact_ids:
-            rows = history(s, art_id, None if any_hardware else fp)
+            rows = history(s, art_id, None if any_hardware else fp, target)
             if rows:
                 own = rows[0].hardware_fingerprint
                 if fp is None and not any_hardware:

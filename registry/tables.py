@@ -125,6 +125,8 @@ class BenchmarkResult(Base):
     __table_args__ = (
         Index("ix_llmops_bench_artifact_hw", "artifact_id", "hardware_id"),
         Index("ix_llmops_bench_protocol_key", "protocol_key"),
+        Index("ix_llmops_bench_target", "target"),
+        Index("ux_llmops_bench_job_metric", "job_key", "metric", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -140,6 +142,11 @@ class BenchmarkResult(Base):
     protocol: Mapped[dict[str, Any]] = mapped_column(JSON)
     protocol_key: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # a fleet target's results (``llmops bench --on``): the target, the node that measured, and
+    # the job they came from (a job's results are recorded once); None for this machine's own
+    target: Mapped[str | None] = mapped_column(String(64))
+    node: Mapped[str | None] = mapped_column(String(64))
+    job_key: Mapped[str | None] = mapped_column(String(64))
 
 
 class Promotion(Base):
@@ -160,3 +167,4 @@ class Promotion(Base):
     actor: Mapped[str | None] = mapped_column(String(128))
     ci: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    target: Mapped[str | None] = mapped_column(String(64))  # gates read this fleet target's results

@@ -141,7 +141,7 @@ def test_wheel_ships_the_migrations(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     first, rest = r.stdout.split("\n", 1)
     assert first.startswith(str(target))
-    assert json.loads(rest)["revision"] == "0002"
+    assert json.loads(rest)["revision"] == "0003"
 
 
 def _cells(text: str) -> list[dict[str, str]]:

@@ -167,9 +167,11 @@ def test_migration_gives_old_rows_the_unknown_protocol(store_env) -> None:
                           "VALUES (1, 'model', 'm', 'file:///m', :sha, 1, '{}', CURRENT_TIMESTAMP)"), {"sha": "0" * 64})
         conn.execute(text("INSERT INTO llmops_benchmark_results (artifact_id, backend, device, metric, value, created_at) "
                           "VALUES (1, 'llama.cpp', 'cpu', 'ppl', 30.0, CURRENT_TIMESTAMP)"))
-    assert db.upgrade(engine) == db.head_revision() == "0002"
+    assert db.upgrade(engine) == db.head_revision() == "0003"
     with engine.connect() as conn:
         protocol, key = conn.execute(text("SELECT protocol, protocol_key FROM llmops_benchmark_results")).one()
+        # measured where llmops ran, before fleets: no target, node or job
+        assert conn.execute(text("SELECT target, node, job_key FROM llmops_benchmark_results")).one() == (None, None, None)
     if isinstance(protocol, str):
         import json
 

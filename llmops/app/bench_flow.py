@@ -28,6 +28,35 @@ def _eval_text(state, eval_text: str | None, dataset: str | None, say: Reporter)
     return load_eval_text(eval_text, progress=say), None
 
 
+def _wanted(metrics: str, *, runs: int, decode_tokens: int, prompt_tokens: int, ctx: int) -> set[str]:
+    from llmops.benchmarks.bench import METRICS
+
+    wanted = {m.strip() for m in metrics.split(",") if m.strip()}
+    if not wanted or wanted - set(METRICS):
+        raise UsageError(f"--metrics takes a comma-separated subset of {','.join(METRICS)}")
+    if runs < 1 or decode_tokens < 2 or prompt_tokens < 1 or ctx < 8:
+        raise UsageError("--runs, --decode-tokens, --prompt-tokens and --ctx must be positive")
+    return wanted
+
+
+def run_bench_on(state, artifacts: tuple[str, ...], *, on: str | None, targets: list[str] | None,  # noqa: ANN001
+                 all_targets: bool, token_file: str | None, device: str, threads: int | None, metrics: str,
+                 eval_text: str | None, dataset: str | None, ctx: int, chunks: int | None, baseline: str | None,
+                 record: bool, runs: int, decode_tokens: int, prompt_tokens: int,
+                 progress: Reporter | None = None) -> dict[str, Any]:
+    """``llmops bench --on``: the same benchmark on fleet targets (``llmops.app.fleet``), the eval
+    text read here and handed to every job."""
+    from llmops.app.fleet.driver import bench_on
+
+    say = as_reporter(progress if progress is not None else log)
+    wanted = _wanted(metrics, runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, ctx=ctx)
+    ev, dataset_info = _eval_text(state, eval_text, dataset, say) if wanted & {"latency", "accuracy"} else (None, None)
+    return bench_on(state, artifacts, address=on, targets=targets, all_targets=all_targets, device=device,
+                    threads=threads, metrics=wanted, ev=ev, dataset_info=dataset_info, ctx=ctx, chunks=chunks,
+                    baseline=baseline, record=record, runs=runs, decode_tokens=decode_tokens,
+                    prompt_tokens=prompt_tokens, say=say, token_file=token_file)
+
+
 def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | None, metrics: str,  # noqa: ANN001
               eval_text: str | None, dataset: str | None, ctx: int, chunks: int | None, baseline: str | None,
               record: bool, runs: int, decode_tokens: int, prompt_tokens: int,
@@ -39,17 +68,13 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
 
     from llmops.benchmarks.jobs import MAX_MEMORY_ENV
 
-    from llmops.benchmarks.bench import METRICS, BenchOptions, bench_artifact
+    from llmops.benchmarks.bench import BenchOptions, bench_artifact
     from llmops.core.hashing import sha256_path
     from llmops.core.settings import cache_dir
     from llmops.registry.refs import is_ref
 
     say = as_reporter(progress if progress is not None else log)
-    wanted = {m.strip() for m in metrics.split(",") if m.strip()}
-    if not wanted or wanted - set(METRICS):
-        raise UsageError(f"--metrics takes a comma-separated subset of {','.join(METRICS)}")
-    if runs < 1 or decode_tokens < 2 or prompt_tokens < 1 or ctx < 8:
-        raise UsageError("--runs, --decode-tokens, --prompt-tokens and --ctx must be positive")
+    wanted = _wanted(metrics, runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, ctx=ctx)
     for a in (*artifacts, *( [baseline] if baseline else [])):
         if not is_ref(a) and not Path(a).exists():
             raise UsageError(f"{a}: no such file or folder")
@@ -100,15 +125,17 @@ def _aliases(store, ref: str) -> list[str]:  # noqa: ANN001 - Store
     return sorted(store.mlflow.get_model_version(mv.name, mv.version).aliases or [])
 
 
-def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> dict[str, Any]:  # noqa: ANN001
+def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bool,  # noqa: ANN001
+                target: str | None = None) -> dict[str, Any]:
     """One table from recorded results: one machine (unless ``any_hardware``) and, per column, one
-    protocol (``bench`` results before ``verify``); a cell measured otherwise is left empty."""
+    protocol (``bench`` results before ``verify``); a cell measured otherwise is left empty. The
+    results of fleet ``target``, or those measured where llmops runs."""
     from llmops.registry import results
     from llmops.registry.versions import resolve_artifact, resolve_model_version
 
     store = state.store()
     arts = [resolve_artifact(store, ref) for ref in refs]
-    cmp = results.compare(store, [a.id for a in arts], any_hardware)
+    cmp = results.compare(store, [a.id for a in arts], any_hardware, target)
     rows = []
     for ref, art, rs, left_out in zip(refs, arts, cmp.rows, cmp.left_out):
         m = dict(rs.metrics)
@@ -122,7 +149,7 @@ def run_compare(state, refs: tuple[str, ...], plot: str | None, any_hardware: bo
     for r in rows:
         if r.get("ppl") and base_ppl:
             r["dppl_pct"] = 100.0 * (r["ppl"] / base_ppl - 1.0)
-    out: dict[str, Any] = {"hardware": cmp.hardware_fingerprint, "rows": rows, "plot": None,
+    out: dict[str, Any] = {"hardware": cmp.hardware_fingerprint, "target": target, "rows": rows, "plot": None,
                            "protocols": {m: c.to_dict() for m, c in cmp.columns.items()}}
     if plot:
         from llmops.benchmarks.bench import tradeoff_plot

@@ -131,10 +131,12 @@ def verification_evaluation(store, ev, verification: dict[str, float], parameter
 
 
 # -- llmops bench ------------------------------------------------------------------------
-def record_bench(store, *, path: Path, ref: str | None, res: dict[str, Any], ev, dataset_info, opts,  # noqa: ANN001
-                 seconds: float, baseline_sha256: str | None = None) -> dict[str, Any]:
+def record_bench(store, *, path: Path | None, ref: str | None, res: dict[str, Any], ev, dataset_info, opts,  # noqa: ANN001
+                 seconds: float, baseline_sha256: str | None = None, hardware: dict[str, Any] | None = None,
+                 target: str | None = None, node: str | None = None, job_key: str | None = None) -> dict[str, Any]:
     """Results into our tables (with the hardware and protocol) and, for a registered version,
-    onto its MLflow run."""
+    onto its MLflow run. A fleet job's results come with the hardware its node measured, the
+    target and node names and the job's key (recorded once)."""
     from llmops.benchmarks.hardware import profile
     from llmops.core.toolversions import tool_versions
     from llmops.registry import datasets, evaluations
@@ -149,13 +151,15 @@ def record_bench(store, *, path: Path, ref: str | None, res: dict[str, Any], ev,
     measurements = [Measurement(k, v, _unit(k), bench_protocol(k, d, opts, eval_sha256=eval_sha,
                                                                 baseline_sha256=baseline_sha256, tools=tools))
                     for k, v in res["metrics"].items() if v == v]
-    evaluation = evaluations.Evaluation(measurements=measurements, hardware=profile(opts.threads, opts.device),
+    evaluation = evaluations.Evaluation(measurements=measurements,
+                                        hardware=hardware if hardware is not None else profile(opts.threads, opts.device),
                                         backend=d["backend"], device=opts.device, dataset=dataset_info,
-                                        purpose="benchmark", link=accuracy)
+                                        purpose="benchmark", link=accuracy, target=target, node=node, job_key=job_key)
     fp = evaluations.record_bench(
         store, ref=ref, path=path, kind="model" if d["format"] in ("gguf", "onnx", "gptq") else "checkpoint",
         fmt=d["format"], quant=d["quant"], evaluation=evaluation,
-        parameters={**d, "artifact": ref or str(path), "metrics": sorted(opts.metrics)},
+        parameters={**d, "artifact": ref or str(path), "metrics": sorted(opts.metrics),
+                    **({"target": target, "node": node} if target else {})},
         tool_versions=tool_versions(), seconds=seconds, mlflow_metrics=res["metrics"], log_dataset=accuracy)
     return {"hardware": fp}
 

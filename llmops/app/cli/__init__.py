@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import click
 
-from llmops.app.cli import convert_cmds, registry_cmds, serve_cmds, server_cmds  # noqa: F401 - they register commands
+from llmops.app.cli import convert_cmds, fleet_cmds, registry_cmds, serve_cmds, server_cmds  # noqa: F401 - they register commands
 from llmops.app.cli.base import cli
 from llmops.app.output import emit, log, redacted
 from llmops.core.errors import LLMOpsError
@@ -61,7 +61,7 @@ def _sigterm_unwinds(args: list[str]) -> Iterator[None]:
     if _command_name(args) in OWN_SHUTDOWN or threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired: list[int] = []
+    fired = _TERMINATED
 
     def terminate(signum: int, _frame: object) -> None:
         if not fired:
@@ -83,8 +83,13 @@ def _fail(message: str, code: int, json_mode: bool) -> int:
     return code
 
 
+# SIGTERM seen while the command ran: a library that catches the KeyboardInterrupt it raised and
+# raises its own (Ray's wait does) still ends the command as terminated
+_TERMINATED: list[int] = []
+
+
 def _interrupted(exc: BaseException, json_mode: bool) -> int:
-    if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated):  # click wraps it in Abort
+    if isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated) or _TERMINATED:  # click wraps it in Abort
         return _fail("terminated", TERMINATED_EXIT, json_mode)
     return _fail("interrupted", 130, json_mode)
 
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     silence_import_noise()
     json_mode = "--json" in args
+    _TERMINATED.clear()
     try:
         with _sigterm_unwinds(args):
             cli.main(args=args, prog_name="llmops", standalone_mode=False)

@@ -9,6 +9,7 @@ import click
 
 from llmops.app.cli.base import DefaultGroup, _state, cli, common, out, verbose_option
 from llmops.app.output import table
+from llmops.core.errors import LLMOpsError, UsageError
 
 
 # -- convert ----------------------------------------------------------------------
@@ -89,14 +90,39 @@ def bench() -> None:
 @click.option("--prompt-tokens", type=int, default=512, show_default=True)
 @click.option("--max-memory", type=click.IntRange(1), help="Cap the memory each runner process may allocate "
               "for the model (MiB); past it the runner fails cleanly instead of taking the machine down.")
+@click.option("--on", "on", metavar="ADDRESS", help="Run on the targets of this Ray cluster (HOST:PORT; default "
+              "$LLMOPS_RAY_ADDRESS, or the head `llmops node start` started here).")
+@click.option("--target", "targets", metavar="NAME[,NAME...]", help="Fleet targets to benchmark on (with --on).")
+@click.option("--all-targets", is_flag=True, help="Every target of the fleet (with --on).")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="The cluster's Ray token (default "
+              "$LLMOPS_RAY_TOKEN_FILE, or the one `llmops node start --head` made).")
 @common
 def bench_run(artifacts: tuple[str, ...], device: str, threads: int | None, metrics: str, eval_text: str | None,
               dataset: str | None, ctx: int, chunks: int, baseline: str | None, record: bool, runs: int,
-              decode_tokens: int, prompt_tokens: int, max_memory: int | None) -> None:
-    """Benchmark ARTIFACT... (files, folders or models:/ references) on this machine."""
-    from llmops.app.bench_flow import run_bench
+              decode_tokens: int, prompt_tokens: int, max_memory: int | None, on: str | None, targets: str | None,
+              all_targets: bool, token_file: str | None) -> None:
+    """Benchmark ARTIFACT... (files, folders or models:/ references) on this machine, or with --on
+    on the target machines of a Ray cluster (one table per target)."""
+    from llmops.app.bench_flow import run_bench, run_bench_on
 
     state = _state()
+    if on or targets or all_targets:
+        if max_memory:
+            raise UsageError("--max-memory applies to a local bench, not to fleet targets")
+        names = [t.strip() for t in (targets or "").split(",") if t.strip()] or None
+        r = run_bench_on(state, artifacts, on=on, targets=names, all_targets=all_targets, token_file=token_file,
+                         device=device, threads=threads, metrics=metrics, eval_text=eval_text, dataset=dataset,
+                         ctx=ctx, chunks=None if chunks < 0 else chunks, baseline=baseline, record=record,
+                         runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens,
+                         progress=state.reporter())
+        out(r, lambda d: _fleet_tables(d["rows"]))
+        if r["failed"]:
+            err = LLMOpsError(f"{r['failed']} of {len(r['rows'])} fleet job(s) failed: "
+                              + "; ".join(f"{x['target']}: {x['artifact']}: {x['error']}"
+                                          for x in r["rows"] if x["status"] == "failed"))
+            err.reported = True  # the --json document above has every row, failed ones too
+            raise err
+        return
     r = run_bench(state, artifacts, device=device, threads=threads, metrics=metrics, eval_text=eval_text,
                   dataset=dataset, ctx=ctx, chunks=None if chunks < 0 else chunks, baseline=baseline, record=record,
                   runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, max_memory_mb=max_memory,
@@ -129,6 +155,18 @@ def _dppl(r: dict[str, Any], against_first: bool) -> float | None:
     return 100.0 * (ppl / base - 1.0) if ppl is not None and base else None
 
 
+def _fleet_tables(rows: list[dict[str, Any]]) -> str:
+    """One table per target, then the jobs that failed."""
+    parts = []
+    for target in dict.fromkeys(r["target"] for r in rows):
+        ok = [r for r in rows if r["target"] == target and r["status"] == "ok"]
+        if ok:
+            nodes = ", ".join(sorted({r["node"] for r in ok}))
+            parts.append(f"target {target} (node {nodes})\n" + _bench_table(ok))
+    failed = [f"FAILED {r['target']}: {r['artifact']}: {r['error']}" for r in rows if r["status"] == "failed"]
+    return "\n\n".join(parts + (["\n".join(failed)] if failed else []))
+
+
 def _bench_table(rows: list[dict[str, Any]], against_first: bool = False) -> str:
     body = []
     for r in rows:
@@ -149,10 +187,11 @@ def _bench_table(rows: list[dict[str, Any]], against_first: bool = False) -> str
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the size/accuracy/speed plot (PNG) here.")
 @click.option("--any-hardware", is_flag=True, help="Compare results from different machines too.")
+@click.option("--target", help="The results measured on this fleet target (llmops bench --on); default: this machine's.")
 @common
-def bench_compare(refs: tuple[str, ...], plot: str | None, any_hardware: bool) -> None:
+def bench_compare(refs: tuple[str, ...], plot: str | None, any_hardware: bool, target: str | None) -> None:
     """One table across formats from recorded results (dPPL% against the first REF), and a Pareto plot."""
     from llmops.app.bench_flow import run_compare
 
-    r = run_compare(_state(), refs, plot, any_hardware)
+    r = run_compare(_state(), refs, plot, any_hardware, target)
     out(r, lambda d: _bench_table(d["rows"], against_first=True) + (f"\nplot: {d['plot']}" if d["plot"] else ""))

@@ -280,13 +280,15 @@ def verify(ref: str) -> None:
 @click.option("--gate", "gates", multiple=True, help='"METRIC OP VALUE", e.g. "ppl_ratio <= 1.05" (repeatable).')
 @click.option("--prompt", help="The prompt version served with the model (prompts:/NAME/VERSION).")
 @click.option("--hardware", help="Use results from this hardware fingerprint (prefix); default: the newest.")
+@click.option("--target", help="Gate on the results measured on this fleet target (llmops bench --on); "
+              "default: those measured on this machine.")
 @click.option("--stage", help="Also set this (deprecated) MLflow stage, for old tooling.")
 @click.option("--dry-run", is_flag=True, help="Evaluate the gates; change nothing.")
 @click.option("--force", is_flag=True, help="Move the alias even if a gate fails (needs --reason).")
 @click.option("--reason", help="Why, for the audit trail.")
 @common
 def promote(name: str, version: str, alias: str, gates: tuple[str, ...], prompt: str | None, hardware: str | None,
-            stage: str | None, dry_run: bool, force: bool, reason: str | None) -> None:
+            target: str | None, stage: str | None, dry_run: bool, force: bool, reason: str | None) -> None:
     """Move alias --to onto NAME VERSION when every gate passes (exit 1 and nothing moves otherwise)."""
     from llmops.core.errors import GateFailed
     from llmops.registry.gates import parse_gate
@@ -296,7 +298,7 @@ def promote(name: str, version: str, alias: str, gates: tuple[str, ...], prompt:
     if force and not reason:
         raise UsageError("--force needs --reason TEXT (it goes into the audit trail)")
     r = do_promote(_state().store(), name, version, alias=alias, gates=parsed, prompt=prompt, hardware=hardware,
-                   stage=stage, dry_run=dry_run, force=force, reason=reason).to_dict()
+                   stage=stage, dry_run=dry_run, force=force, reason=reason, target=target).to_dict()
 
     def render(d: dict[str, Any]) -> str:
         rows = [[g["metric"], "-" if g["measured"] is None else f"{g['measured']:.6g}", f"{g['op']} {g['threshold']:g}",
