@@ -237,7 +237,7 @@ def test_the_trace_queue_is_bounded_in_bytes(tmp_path, monkeypatch) -> None:
         assert tracer.queued_bytes <= 200_000
         assert tracer.dropped >= 70 and any("queue is full" in m for m in logs)
     finally:
-        tracer._proc = None
+        tracer.close()
 
 
 def test_client_errors_do_not_dilute_the_server_error_rate() -> None:

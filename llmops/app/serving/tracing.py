@@ -319,5 +319,18 @@ class Tracer:
         if not ok:
             self._proc.kill()
             self._proc.join(5)
-        self._proc = None
+        self.close()
         return ok
+
+    def close(self) -> None:
+        """Let go of the queue without waiting on it. A queue's feeder thread is joined when the
+        interpreter exits; with the writer gone, records still in its pipe would block that join
+        (and the process) forever, so whatever the writer did not take is abandoned here."""
+        if not self.enabled:
+            return
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._proc = None
+        self._q.cancel_join_thread()
+        self._q.close()
