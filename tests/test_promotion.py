@@ -101,7 +101,7 @@ def test_dry_run_changes_nothing_and_force_needs_a_reason(store_env, cli, tmp_pa
     assert r.code == 0 and r.json()["verdict"] == "forced" and r.json()["moved"] is True
     audit = cli("--json", "promotions", "list", "m").json()
     assert audit[-1]["forced"] is True and audit[-1]["reason"] == "hotfix, bench pending"
-    assert cli("--json", "models", "show", f"models:/m@production").json()["version"] == v
+    assert cli("--json", "models", "show", "models:/m@production").json()["version"] == v
 
 
 @pytest.mark.parametrize("gate", ["ppl", "ppl <", "ppl < abc", "< 3", "ppl << 3", "ppl < 1; rm -rf /", "PPL < 3", "ppl < nan"])

@@ -109,6 +109,40 @@ def test_every_log_line_passes_through_redaction(monkeypatch: pytest.MonkeyPatch
     assert err.startswith("connecting with '***' to postgresql+psycopg://***@h/x?token=***")
 
 
+def test_progress_lines_pass_through_redaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phase label or warning that quotes a URI is redacted like every other line, on a
+    terminal's bar and in the summary lines alike."""
+    import io
+
+    from llmops.core.progress import StreamReporter
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:Tr4ck@tracking:5000")
+    for tty in (True, False):
+        stream = io.StringIO()
+        rep = StreamReporter(stream, tty=tty, milestone_after=0.0)
+        with rep.phase("uploading to http://alice:Tr4ck@tracking:5000/artifacts", total=2) as ph:
+            ph.advance(2)
+        rep.warn("retrying http://bob:S3cret@other:5000 (token Tr4ck)")
+        out = stream.getvalue()
+        _assert_hidden(out, ["Tr4ck", "S3cret"])
+        assert "uploading to http://***@tracking:5000/artifacts" in out and "warning: retrying http://***@other" in out
+
+
+def test_a_debug_traceback_is_redacted(tmp_path: Path) -> None:
+    """LLMOPS_DEBUG=1 shows the traceback of an unexpected error, its frames' messages redacted."""
+    env = {**os.environ, "LLMOPS_DEBUG": "1", "LLMOPS_STORE": str(tmp_path / "s"),
+           "MLFLOW_TRACKING_URI": "http://alice:Tr4ck@127.0.0.1:9/"}
+    env.pop("LLMOPS_DATABASE_URL", None)
+    r = subprocess.run([sys.executable, "-c", "import sys; from llmops.app.cli import main; "
+                        "from llmops.app.cli.base import cli\n"
+                        "@cli.command('boom')\n"
+                        "def boom():\n    raise RuntimeError('cannot reach http://alice:Tr4ck@127.0.0.1:9/ (Tr4ck)')\n"
+                        "sys.exit(main(['boom']))"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback (most recent call last)" in r.stderr and "RuntimeError" in r.stderr
+    _assert_hidden(r.stderr, ["Tr4ck"])
+
+
 def test_a_store_that_cannot_open_never_quotes_its_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The driver's message is redacted, and the original exception is not chained to the error."""
     from llmops.core.errors import LLMOpsError

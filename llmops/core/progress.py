@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
+from llmops.core.settings import configured_secrets, redact_text
+
 Say = Callable[[str], None]
 EVENT = "\x1fprogress "  # starts an encoded progress event (see EventWriter)
 MILESTONES = (25, 50, 75)  # percentages a non-terminal stream reports for a phase that takes a while
@@ -245,6 +247,9 @@ class StreamReporter(Reporter):
             self._line(message)
 
     def _write(self, text: str) -> None:
+        # A phase's label or a warning may quote a database or tracking URI (a failed connection, a
+        # remote store's artifact path): the same redaction as every other line the CLI prints.
+        text = redact_text(text, *configured_secrets())
         try:
             self.stream.write(text)
             self.stream.flush()
