@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+from llmops.core import owners
 from llmops.core.errors import LLMOpsError, UsageError
 from llmops.core.hashing import copy_path_hashing, sha256_path
 from llmops.registry import artifacts
@@ -22,17 +23,21 @@ from llmops.registry.tables import Artifact
 from llmops.registry.versions import ARTIFACT_PATH
 
 
+INCOMING = ".incoming-"
+
+
 class EarlyCopy:
     """A copy of the bytes into the store's artifact folder, hashed on the way, on a thread of its
     own: started before MLflow is imported and the run exists, moved into the run's folder by a
-    rename once it does (same filesystem; a copy across filesystems otherwise)."""
+    rename once it does (same filesystem; a copy across filesystems otherwise). Its staging
+    folder is held by this process (``core.owners``): ``llmops gc`` removes one whose process is
+    gone, never one still being filled."""
 
     def __init__(self, src: Path, root: Path, link: bool = False) -> None:
-        import tempfile
         import threading
 
         root.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+        self.dir, self._held = owners.create_held_folder(root, INCOMING, mode=0o700)
         self.path = self.dir / src.name
         self._src = src
         self._link = link
@@ -62,6 +67,8 @@ class EarlyCopy:
     def discard(self) -> None:
         """Remove the staging folder; a copy still running writes on into unlinked files and ends."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        owners.release(self._held)
+        self._held = None
 
 
 def identify_and_copy(store: Store, src: Path, sha256: str | None, artifact_uri: str,

@@ -131,8 +131,11 @@ def create(client, experiment_id: str, *, name: str, version: str, run_id: str |
     """A PENDING LoggedModel ``NAME-vVERSION`` for a version about to be (or already) registered,
     made by ``run_id`` and listed as that run's output. Returns its id; the caller finalizes it
     (:func:`finalize`) or deletes it (:func:`discard`)."""
+    from llmops.registry.mlflow_rows import owner_tags
+
     ident = identity(version_tags)
-    tags = {**ident.tags, **_link_tags(name, version), NOTE_TAG: description(name, version, ident.params)}
+    tags = {**ident.tags, **_link_tags(name, version), NOTE_TAG: description(name, version, ident.params),
+            **owner_tags()}
     lm = client.create_logged_model(experiment_id, name=logged_name(name, version), source_run_id=run_id,
                                     tags=tags, params=ident.params, model_type=ident.params.get("format"))
     if run_id:

@@ -1,7 +1,9 @@
 """Prompts on MLflow's prompt registry, mirrored as llmops artifacts so lineage can point at them.
 
 An unchanged template does not make a new version: adding the same text again
-returns the latest version.
+returns the latest version (and writes its llmops rows, should a killed add have left them out).
+A version llmops makes carries its owner (``mlflow_rows.OWNER_TAG``); if its rows cannot be
+written, the version is removed again, number and all.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from sqlalchemy import select
 from llmops.core.errors import LLMOpsError, UsageError
 from llmops.core.hashing import sha256_text
 from llmops.registry import artifacts
+from llmops.registry.db import best_effort
+from llmops.registry.mlflow_rows import owner_tags, purge_version
 from llmops.registry.refs import Ref, parse_ref, validate_name
 from llmops.registry.store import Store, actor
 from llmops.registry.tables import Version
@@ -38,7 +42,7 @@ class PromptInfo:
 
 def _info(pv, created: bool = True) -> PromptInfo:  # noqa: ANN001 - mlflow PromptVersion
     template = pv.template if isinstance(pv.template, str) else str(pv.template)
-    tags = {k: v for k, v in (pv.tags or {}).items() if not k.startswith("mlflow.")}
+    tags = {k: v for k, v in (pv.tags or {}).items() if not k.startswith(("mlflow.", "llmops."))}
     return PromptInfo(pv.name, str(pv.version), f"prompts:/{pv.name}/{pv.version}", template, sha256_text(template),
                       pv.commit_message, list(getattr(pv, "aliases", None) or []), tags, created)
 
@@ -56,18 +60,26 @@ def add(store: Store, name: str, template: str, message: str | None = None) -> P
     if not template.strip():
         raise UsageError("the prompt template is empty")
     latest = _latest(store, name)
+    made = None
     if latest is not None and latest.template == template:
         info = _info(latest, created=False)
     else:
-        info = _info(store.mlflow.register_prompt(name=name, template=template, commit_message=message))
-    with store.session() as s:
-        art = artifacts.upsert(s, sha256=info.sha256, kind="prompt", name=name, version=info.version, uri=info.uri,
-                               size_bytes=len(template.encode()), format="prompt", meta={"stored": False},
-                               created_by=actor())
-        exists = s.scalars(select(Version).where(Version.kind == "prompt", Version.name == name,
-                                                 Version.version == info.version)).first()
-        if exists is None:
-            s.add(Version(kind="prompt", name=name, version=info.version, artifact_id=art.id))
+        info = _info(store.mlflow.register_prompt(name=name, template=template, commit_message=message,
+                                                  tags=owner_tags()))
+        made = info.version
+    try:
+        with store.session() as s:
+            art = artifacts.upsert(s, sha256=info.sha256, kind="prompt", name=name, version=info.version,
+                                   uri=info.uri, size_bytes=len(template.encode()), format="prompt",
+                                   meta={"stored": False}, created_by=actor())
+            exists = s.scalars(select(Version).where(Version.kind == "prompt", Version.name == name,
+                                                     Version.version == info.version)).first()
+            if exists is None:
+                s.add(Version(kind="prompt", name=name, version=info.version, artifact_id=art.id))
+    except BaseException:
+        if made is not None:
+            best_effort(lambda: purge_version(store, store.mlflow, name, made))
+        raise
     return info
 
 

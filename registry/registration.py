@@ -32,7 +32,7 @@ from llmops.registry import artifacts
 from llmops.registry import evaluations as _evaluations
 from llmops.registry import upload as _upload
 from llmops.registry.intake import EarlyCopy, identify_and_copy, source_path
-from llmops.registry import logged_models
+from llmops.registry import logged_models, mlflow_rows
 from llmops.registry.datasets import DatasetInfo, mlflow_input
 from llmops.registry.refs import Ref, is_ref, validate_name
 from llmops.registry.locks import named_lock
@@ -124,7 +124,8 @@ def register(
         run = client.create_run(
             store.experiment_id,
             run_name=f"{command.split()[0]}-{name}",
-            tags={"llmops.command": command, "llmops.model": name, "mlflow.user": actor()},
+            tags={"llmops.command": command, "llmops.model": name, "mlflow.user": actor(),
+                  **mlflow_rows.owner_tags()},
         )
     except BaseException:
         if early is not None:
@@ -138,7 +139,7 @@ def register(
     except BaseException:
         if early is not None:
             early.discard()
-        _undo(client, name, None, run.info.run_id, False, run.info.artifact_uri)
+        _undo(store, client, name, None, run.info.run_id, False, run.info.artifact_uri)
         raise
     stored_uri, stored_source = (stored.uri, stored.meta.get("source")) if stored else (None, None)
 
@@ -157,7 +158,7 @@ def register(
     mv = None
     model_id: str | None = None
     written = _Written()
-    undone = False
+    undone = finished = rows_stay = False
     try:
         from mlflow.entities import Metric, Param
 
@@ -182,7 +183,7 @@ def register(
         with named_lock(store, f"register:{name}"):
             try:
                 try:
-                    client.create_registered_model(name)
+                    client.create_registered_model(name, tags={mlflow_rows.MADE_TAG: mlflow_rows.MADE_BY})
                     created_model = True
                 except Exception as exc:  # noqa: BLE001 - already exists is fine
                     if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
@@ -258,19 +259,24 @@ def register(
                     logged_models.finalize(client, model_id)
                     client.set_terminated(run_id, "FINISHED")
                 except BaseException:
-                    written.remove(store)
+                    # Rows that cannot be removed stay, and with them everything they record: the
+                    # version is whole in our tables (``llmops gc`` finishes its LoggedModel and run).
+                    rows_stay = not written.remove(store)
                     raise
+                # Whole now: whatever comes after (the lock's release, a signal) leaves it so.
+                finished = True
             except BaseException:
                 # Undone while the lock is held: no other registration of this name can have
                 # started on a registered model that this one created.
                 undone = True
-                _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None,
-                      model_id)
+                if not rows_stay:
+                    _undo(store, client, name, mv, run_id, created_model,
+                          run.info.artifact_uri if stored is None else None, model_id)
                 raise
     except BaseException:
-        if not undone:
-            _undo(client, name, mv, run_id, created_model, run.info.artifact_uri if stored is None else None,
-                  model_id)
+        if not undone and not finished:
+            _undo(store, client, name, mv, run_id, created_model,
+                  run.info.artifact_uri if stored is None else None, model_id)
         raise
     from llmops.registry.pictures import redraw
 
@@ -302,7 +308,8 @@ class _Written:
             if type(obj) in _UNDO_ORDER:
                 self.inserted.setdefault(type(obj), set()).add(obj.id)
 
-    def remove(self, store: Store) -> None:
+    def remove(self, store: Store) -> bool:
+        """Whether the rows are gone (False: they stay, committed)."""
         try:
             with store.session() as s:
                 for table in _UNDO_ORDER:
@@ -318,22 +325,26 @@ class _Written:
             import sys
 
             sys.stderr.write(f"warning: could not remove the rows of a failed registration: {exc}\n")
+            return False
+        return True
 
 
-def _undo(client, name: str, mv, run_id: str, created_model: bool, logged_uri: str | None,  # noqa: ANN001
-          model_id: str | None = None) -> None:
+def _undo(store: Store, client, name: str, mv, run_id: str, created_model: bool,  # noqa: ANN001
+          logged_uri: str | None, model_id: str | None = None) -> None:
     """Compensate a half-done registration on the MLflow side (best effort).
 
-    The LoggedModel is deleted, the run marked FAILED, then deleted (MLflow's deletes of both
-    are soft deletes that keep the artifacts; bytes this registration copied into a local
-    store, or uploaded to a tracking server that allows deletes, are removed here).
+    The model version is purged, so that its number is given again (``mlflow_rows``), the
+    LoggedModel is deleted, the run marked FAILED, then deleted (MLflow's deletes of both are
+    soft deletes that keep the artifacts; bytes this registration copied into a local store, or
+    uploaded to a tracking server that allows deletes, are removed here). What fails here is
+    left for ``llmops gc``.
     """
     logged = artifacts.local_path(logged_uri) if logged_uri else None
     remote = logged_uri if logged_uri and logged is None else None
     best_effort(
         (lambda: shutil.rmtree(logged)) if logged is not None and logged.exists() else None,
         (lambda: _upload.delete_uploaded(remote, client.tracking_uri, ARTIFACT_PATH)) if remote else None,
-        (lambda: client.delete_model_version(name, mv.version)) if mv is not None else None,
+        (lambda: mlflow_rows.purge_version(store, client, name, mv.version, run_id)) if mv is not None else None,
         (lambda: client.delete_registered_model(name)) if created_model else None,
         (lambda: logged_models.discard(client, model_id)) if model_id else None,
         lambda: client.set_terminated(run_id, "FAILED"),

@@ -10,6 +10,11 @@ Commit flushes the bytes to disk (``fsync`` of every file, then of the folder ho
 the new name) before and after the rename, so a power cut never leaves a destination
 name pointing at a file whose blocks were not written yet. Any exception or Ctrl-C
 while staged removes the temporary copy.
+
+A process killed outright (SIGKILL, a power cut) cleans nothing up. So a staged copy is held by
+its process for as long as it is staged (``core.owners``): :func:`leftovers` finds the staged
+copies whose process is gone, and a folder moved aside by a commit that never finished, and
+:func:`clean_leftover` removes them (or puts the moved-aside folder back where it was).
 """
 
 from __future__ import annotations
@@ -19,17 +24,21 @@ import ctypes
 import errno
 import functools
 import os
+import re
 import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmops.core import owners
 from llmops.core.errors import LLMOpsError
 from llmops.core.walk import files_of
 
 PARTIAL = ".partial"
+REPLACED = ".replaced-"
 
 
 def new_file(folder: Path, prefix: str, suffix: str = "", mode: int = 0o666) -> tuple[int, Path]:
@@ -114,12 +123,13 @@ class Staged:
     """A file or folder written under a temporary name, waiting to be renamed to ``dest``."""
 
     def __init__(self, tmp: Path, dest: Path, *, is_dir: bool, cleanup: Path | None = None,
-                 mode: int | None = None) -> None:
+                 mode: int | None = None, held: int | None = None) -> None:
         self.tmp = tmp
         self.mode = mode  # what commit sets: whatever the writer did to ``tmp``, it ends with this
         self.dest = dest
         self.is_dir = is_dir
         self._cleanup = cleanup  # a private work folder around ``tmp``, removed at the end
+        self._held = held  # the descriptor that holds the staged copy (``core.owners``) until the end
         self.done = False
 
     def commit(self) -> Path:
@@ -134,7 +144,7 @@ class Staged:
             if self.is_dir and self.dest.exists():
                 # a folder cannot be replaced by rename: move the old one aside first, and put
                 # it back if the new one cannot take its place
-                old = self.dest.with_name(f".{self.dest.name}.replaced-{os.getpid()}")
+                old = self.dest.with_name(f".{self.dest.name}{REPLACED}{os.getpid()}")
                 os.replace(self.dest, old)
             try:
                 os.replace(self.tmp, self.dest)
@@ -149,7 +159,7 @@ class Staged:
             raise LLMOpsError(f"cannot write {self.dest}: {e.strerror or e}") from None
         finally:
             if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
         self.done = True
         self._remove_cleanup()
         return self.dest
@@ -169,6 +179,17 @@ class Staged:
     def _remove_cleanup(self) -> None:
         if self._cleanup is not None:
             shutil.rmtree(self._cleanup, ignore_errors=True)
+        owners.release(self._held)
+        self._held = None
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a folder, or a symbolic link (never what the link points to)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _make_parent(dest: Path) -> None:
@@ -185,12 +206,15 @@ def staged_file(dest: Path) -> Iterator[Staged]:
     The block writes ``tmp``; committing is the caller's choice (:func:`atomic_file` commits)."""
     _make_parent(dest)
     try:
-        fd, tmp = new_file(dest.parent, f".{dest.name}.", PARTIAL, 0o644)
+        while True:
+            fd, tmp = new_file(dest.parent, f".{dest.name}.", PARTIAL, 0o644)
+            if owners.hold(fd, tmp):
+                break
+            os.close(fd)  # removed by a clean-up before it was held: another name
         mode = os.fstat(fd).st_mode & 0o777
-        os.close(fd)
     except OSError as e:
         raise LLMOpsError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
-    staged = Staged(tmp, dest, is_dir=False, mode=mode)
+    staged = Staged(tmp, dest, is_dir=False, mode=mode, held=fd)
     try:
         yield staged
     except BaseException:
@@ -207,12 +231,17 @@ def staged_folder(dest: Path) -> Iterator[tuple[Staged, Path]]:
         raise LLMOpsError(f"{dest} exists and is a file; this output is a folder")
     _make_parent(dest)
     try:
-        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=PARTIAL, dir=dest.parent))
+        work, fd = owners.create_held_folder(dest.parent, f".{dest.name}.", PARTIAL, 0o700)
     except OSError as e:
         raise LLMOpsError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
-    out = work / "out"
-    out.mkdir(mode=0o755)
-    staged = Staged(out, dest, is_dir=True, cleanup=work, mode=out.stat().st_mode & 0o777)
+    try:
+        out = work / "out"
+        out.mkdir(mode=0o755)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        owners.release(fd)
+        raise
+    staged = Staged(out, dest, is_dir=True, cleanup=work, mode=out.stat().st_mode & 0o777, held=fd)
     try:
         yield staged, work
     except BaseException:
@@ -231,3 +260,70 @@ def atomic_file(dest: Path) -> Iterator[Path]:
 def write_bytes_atomic(dest: Path, data: bytes) -> None:
     with atomic_file(dest) as tmp:
         tmp.write_bytes(data)
+
+
+# -- what killed processes leave ------------------------------------------------------------
+_STAGED_NAME = re.compile(r"^\.(?P<dest>.+)\.[A-Za-z0-9_]{6,}" + re.escape(PARTIAL) + "$")
+_REPLACED_NAME = re.compile(r"^\.(?P<dest>.+)" + re.escape(REPLACED) + r"(?P<pid>[0-9]+)$")
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A staged copy whose process is gone, or an earlier output a commit moved aside and never
+    removed (``restore``: its destination is missing, so it goes back there)."""
+
+    path: Path
+    dest: Path
+    kind: str  # "staged" or "replaced"
+    restore: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "staged":
+            return f"staged copy of {self.dest.name} left by a process that is gone"
+        if self.restore:
+            return f"earlier {self.dest.name} moved aside by a commit that never finished ({self.dest} is missing)"
+        return f"earlier {self.dest.name} moved aside by a commit and never removed"
+
+
+def _leftover(entry: Path) -> Leftover | None:
+    if (m := _REPLACED_NAME.match(entry.name)) is not None:
+        if owners.pid_alive(int(m["pid"])) and int(m["pid"]) != os.getpid():
+            return None
+        dest = entry.with_name(m["dest"])
+        return Leftover(entry, dest, "replaced", restore=not dest.exists() and not dest.is_symlink())
+    if (m := _STAGED_NAME.match(entry.name)) is not None:
+        with owners.claim(entry) as held:
+            if held is None:
+                return None
+        return Leftover(entry, entry.with_name(m["dest"]), "staged")
+    return None
+
+
+def leftovers(folder: Path) -> list[Leftover]:
+    """What killed writers left in ``folder`` (not below it): staged copies no live process holds,
+    folders moved aside by a commit whose process is gone."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    return [x for e in entries if (x := _leftover(e)) is not None]
+
+
+def clean_leftover(item: Leftover) -> bool:
+    """Remove a leftover (a moved-aside output whose destination is missing goes back in its
+    place); False when it is no longer one (its owner turned out to be alive, or it is gone)."""
+    if item.kind == "replaced":
+        current = _leftover(item.path)
+        if current is None:
+            return False
+        if current.restore:
+            os.replace(item.path, item.dest)
+            _fsync_dir(item.dest.parent)
+        else:
+            _remove(item.path)
+        return True
+    with owners.claim(item.path) as held:
+        if held is None:
+            return False
+        _remove(item.path)
+    return True

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import click
 
-from llmops.app.cli import convert_cmds, fleet_cmds, registry_cmds, serve_cmds, server_cmds  # noqa: F401 - they register commands
+from llmops.app.cli import convert_cmds, fleet_cmds, maint_cmds, registry_cmds, serve_cmds, server_cmds  # noqa: F401 - they register commands
 from llmops.app.cli.base import cli
 from llmops.app.output import emit, log, redacted
 from llmops.core.errors import LLMOpsError
@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence: one line, not a traceback
         if os.environ.get("LLMOPS_DEBUG"):
-            raise
+            # the traceback, through the same redaction as every line: a frame's message may quote a URI
+            import traceback
+
+            log(traceback.format_exc())
         return _fail(f"{type(exc).__name__}: {exc} (set LLMOPS_DEBUG=1 for a traceback)", 1, json_mode)
 
 
