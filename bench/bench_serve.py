@@ -1,27 +1,34 @@
-"""Serving benchmark: `llmops serve` against llama-cpp-python called in-process, tracing on and off,
-and the server's memory during a hot swap.
+"""Serving benchmark: `llmops serve` under concurrent clients against llama.cpp's own
+`llama-server` and against itself serialised; a single stream against llama-cpp-python called
+in-process; ONNX batching; the server's memory during a hot swap.
 
-    python bench/bench_serve.py [--runs 5] [--threads 2] [--max-tokens 128] [--workdir DIR] [--json OUT]
+    python bench/bench_serve.py [--runs 5] [--rounds 2] [--threads 2] [--max-tokens 128]
+                                [--sections single,concurrency,onnx,swap] [--workdir DIR] [--json OUT]
 
-On SmolLM2-135M-Instruct (the fixture checkpoint, converted here to gguf-q4 = Q4_K_M for v1 and
-gguf-q8_0 for v2, both registered in a temporary store):
+On SmolLM2-135M-Instruct (the fixture checkpoint, converted here to gguf-q4 = Q4_K_M, gguf-f16,
+gguf-q8_0 and onnx-int4, registered in a temporary store), all with ``--threads`` threads:
 
-* **single stream**: one client, a chat request of ~200 tokens (its first words varied per run
-  so no prompt cache helps), greedy decoding of up to ``--max-tokens`` tokens, streamed. Time to
-  first token (first text chunk) and output tokens/s (completion tokens over the whole request),
-  for llama-cpp-python's ``Llama.create_chat_completion(stream=True)`` with the GGUF's own chat
-  template (``chat_format="chat_template.default"``) in this process, for
-  ``llmops serve`` with tracing on, and with ``--no-trace``; the three interleaved, in a
-  rotating order, ``--runs`` times; medians and ratios. The texts must be identical.
-* **four clients**: 4 concurrent clients × ``--runs`` requests of 32 tokens against each server;
-  total completion tokens/s, tracing on against off.
-* **swap**: a third server follows ``models:/bench@production`` while a client streams; the
-  alias moves v1 → v2 → v1 … ``--runs`` times. The server's RSS (``/proc/PID/status`` VmRSS,
-  sampled every 20 ms) before the first swap, the peak during each swap, after it; VmHWM; the
-  failed requests (must be 0).
+* **concurrency** (per GGUF, Q4_K_M and F16): 1, 2, 4 and 8 concurrent streaming clients, each
+  sending two chat requests of ~200 prompt tokens in a row (first words varied so no prompt
+  cache helps), greedy, ``--max-tokens`` each; aggregate completion tokens/s over the wall time
+  and time to first token (p50, p95) for (1) ``llmops serve --parallel 1`` (one request at a
+  time, as the server was before batching), (2) ``llama-server --parallel 8 --kv-unified``
+  (llama.cpp's server, built from the llama.cpp llama-cpp-python vendors, called directly) and
+  (3) ``llmops serve`` with its defaults (continuous batching, 8 sequences), tracing on. The
+  three servers run side by side and the measurements are interleaved, ``--rounds`` times;
+  medians. Every client is the same few lines of ``http.client`` (bench/serve_load.py).
+* **onnx**: onnx-int4 through ``llmops serve`` (onnxruntime-genai's engine, 4 sequences) with 1
+  and 4 clients, and ``--parallel 1`` beside it.
+* **single**: one client, llama-cpp-python's ``Llama.create_chat_completion(stream=True)`` with
+  the GGUF's own chat template in this process against ``llmops serve`` tracing on and
+  ``--no-trace``; interleaved in a rotating order ``--runs`` times; the texts must be identical.
+* **swap**: a server follows ``models:/bench@production`` while a client streams; the alias moves
+  v1 (Q4_K_M) → v2 (Q8_0) → v1 … ``--runs`` times: RSS before, peak during, after; failed
+  requests (must be 0).
 
-Prints a markdown table and, with ``--json``, writes every figure. A benchmark, not a test:
-it asserts nothing about times.
+Prints markdown tables and, with ``--json``, writes every figure. A benchmark, not a test: it
+asserts nothing about times. Run it on an otherwise idle machine: it prints the load average
+before and after.
 """
 
 from __future__ import annotations
@@ -29,19 +36,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-LLMOPS = str(Path(sys.executable).parent / "llmops")
-HOST = "127.0.0.1"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_load import (  # noqa: E402
+    CLIENTS,
+    RUNNING,
+    LlamaServer,
+    Server,
+    children,
+    concurrent,
+    die_with_parent,
+    free_port,
+    loadavg,
+    median,
+    report,
+    rss_kib,
+)
+
 PROMPT = (
     "Robert Boulter is an English film, television and theatre actor. He had a guest-starring role on the "
     "television series The Bill in 2000. This was followed by a starring role in the play Herons written by "
@@ -51,82 +68,6 @@ PROMPT = (
     "He was cast in the 2005 theatre productions of the Philip Ridley play Mercury Fur, which was performed at "
     "the Drum Theatre in Plymouth and the Menier Chocolate Factory in London. Write a long biography of him."
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(d))
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
-
-
-def rss_kib(pid: int, field: str = "VmRSS") -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def die_with_parent() -> None:
-    """A server started here ends when this process does, however it ends (Linux prctl PDEATHSIG)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-RUNNING: list["Server"] = []
-
-
-class Server:
-    def __init__(self, env: dict[str, str], ref: str, *args: str, log: Path) -> None:
-        RUNNING.append(self)
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.log = log
-        fh = open(log, "w")  # noqa: SIM115 - the child writes it
-        self.proc = subprocess.Popen([LLMOPS, "serve", ref, "--port", str(self.port), *args], env=env,
-                                     stdout=fh, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"llmops serve exited:\n{log.read_text()[-2000:]}")
-            try:
-                self.health()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise SystemExit(f"llmops serve did not come up:\n{log.read_text()[-2000:]}")
-
-    def health(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.url}/health", timeout=10) as r:  # noqa: S310 - loopback
-            return json.loads(r.read())
-
-    def client(self):  # noqa: ANN201
-        import openai
-
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0, timeout=600)
-
-    def stop(self) -> None:
-        from llmops.app.server import stop
-
-        stop(self.proc, timeout=120)
 
 
 def messages(prompt: str) -> list[dict[str, str]]:
@@ -164,32 +105,6 @@ def stream_inprocess(llm, prompt: str, max_tokens: int) -> tuple[float, float, s
             parts.append(text)
     t1 = time.perf_counter()
     return (first or t1) - t0, t1 - t0, "".join(parts)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def concurrent_tps(server: Server, clients: int, requests: int, max_tokens: int) -> float:
-    """Total completion tokens/s of ``clients`` concurrent clients × ``requests`` requests each."""
-    total = [0]
-    lock = threading.Lock()
-
-    def one(i: int) -> None:
-        c = server.client()
-        for j in range(requests):
-            r = c.chat.completions.create(model="bench", messages=messages(f"{i}-{j}. {PROMPT}"), max_tokens=max_tokens,
-                                          temperature=0)
-            with lock:
-                total[0] += r.usage.completion_tokens
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return total[0] / (time.perf_counter() - t0)
 
 
 def swap_memory(env: dict[str, str], workdir: Path, runs: int, threads: int) -> dict[str, Any]:
@@ -257,24 +172,137 @@ def swap_memory(env: dict[str, str], workdir: Path, runs: int, threads: int) -> 
             "trace_writer_rss_mib": writer / mib}
 
 
+def single_stream(env: dict[str, str], workdir: Path, v1: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One client: llama-cpp-python in this process against llmops serve, tracing on and off."""
+    n_ctx = "2048"
+    traced = Server(env, "models:/bench/1", "--threads", str(args.threads), "--ctx", n_ctx,
+                    log=workdir / "serve-traced.log")
+    plain = Server(env, "models:/bench/1", "--threads", str(args.threads), "--ctx", n_ctx, "--no-trace",
+                   log=workdir / "serve-plain.log")
+    import llama_cpp
+    from llmops.benchmarks.runner_llamacpp import _model_params, extra_bufts_ok
+
+    # the same llama.cpp settings as the server's engine (n_batch 512, flash attention, the CPU
+    # buffer types it picks)
+    with _model_params(use_extra_bufts=extra_bufts_ok()):
+        llm = llama_cpp.Llama(str(v1), n_ctx=int(n_ctx), n_batch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, flash_attn=True, verbose=False,
+                              chat_format="chat_template.default")
+    clients = {"traced": traced.client(), "plain": plain.client()}
+    res: dict[str, dict[str, list[float]]] = {k: {"ttft": [], "tps": [], "tokens": []} for k in ("inproc", "traced", "plain")}
+    mismatches = 0
+    order = ["inproc", "traced", "plain"]
+    stream_inprocess(llm, "w. " + PROMPT, 8)  # warm-up: each side once
+    for c in clients.values():
+        stream_served(c, "w. " + PROMPT, 8)
+    for i in range(args.runs):
+        prompt = f"{i + 1}. {PROMPT}"
+        texts: dict[str, str] = {}
+        tokens = None
+        for side in order[i % 3:] + order[:i % 3]:
+            if side == "inproc":
+                ttft, total, text = stream_inprocess(llm, prompt, args.max_tokens)
+                res[side]["ttft"].append(ttft)
+                res[side]["_total"] = res[side].get("_total", []) + [total]
+            else:
+                ttft, total, n, text = stream_served(clients[side], prompt, args.max_tokens)
+                tokens = n
+                res[side]["ttft"].append(ttft)
+                res[side]["tps"].append(n / total)
+                res[side]["tokens"].append(n)
+            texts[side] = text
+        # the same greedy text on every side: the served token count is the in-process one too
+        res["inproc"]["tps"].append(tokens / res["inproc"]["_total"][-1])
+        res["inproc"]["tokens"].append(tokens)
+        mismatches += len(set(texts.values())) != 1
+        print(f"run {i + 1}: " + ", ".join(f"{k} ttft {res[k]['ttft'][-1] * 1000:.0f} ms tps {res[k]['tps'][-1]:.1f}"
+                                            for k in order), file=sys.stderr)
+    llm.close()
+    traced.stop()
+    plain.stop()
+    med = {k: {"ttft_ms": median(v["ttft"]) * 1000, "tokens_per_s": median(v["tps"])} for k, v in res.items()}
+    return {"median": med, "text_mismatches": mismatches, "completion_tokens": res["traced"]["tokens"],
+            "raw": {k: dict(v) for k, v in res.items()}}
+
+
+def concurrency(env: dict[str, str], workdir: Path, name: str, model: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """1, 2, 4, 8 clients against the serialised server, llama-server and llmops serve, interleaved."""
+    from llmops.app.reference import llama_cpp_tool
+
+    binary = llama_cpp_tool("llama-server")
+    ctx = 2048
+    servers: dict[str, Any] = {
+        "serial": Server(env, f"models:/{name}/1", "--threads", str(args.threads), "--ctx", str(ctx), "--parallel", "1",
+                         "--max-queue", "64", log=workdir / f"serve-{name}-serial.log"),
+        "llama-server": LlamaServer(binary, model, free_port(), threads=args.threads, parallel=8, ctx_per_seq=ctx,
+                                    log=workdir / f"llama-server-{name}.log", preexec=die_with_parent),
+        "llmops": Server(env, f"models:/{name}/1", "--threads", str(args.threads), "--ctx", str(ctx), "--parallel", "8",
+                         "--max-queue", "64", log=workdir / f"serve-{name}-batched.log"),
+    }
+    models = {"serial": name, "llama-server": "model", "llmops": name}
+    out: dict[str, dict[int, list[dict[str, Any]]]] = {k: {c: [] for c in CLIENTS} for k in servers}
+    for side, srv in servers.items():  # warm-up
+        concurrent(srv.port, models[side], 2, 1, 8, PROMPT, "warm")
+    for r in range(args.rounds):
+        for c in CLIENTS:
+            sides = list(servers)
+            for side in sides[r % 3:] + sides[:r % 3]:
+                m = concurrent(servers[side].port, models[side], c, 2, args.max_tokens, PROMPT, f"r{r}")
+                out[side][c].append(m)
+                print(f"{name} round {r + 1}, {c} clients, {side}: {m['tokens_per_s']:.1f} tok/s, ttft p95 "
+                      f"{m['ttft_p95_ms']:.0f} ms, {m['failures']} failed", file=sys.stderr)
+    for srv in servers.values():
+        srv.stop()
+    summary = {side: {c: {"tokens_per_s": median([m["tokens_per_s"] for m in ms]),
+                          "ttft_p50_ms": median([m["ttft_p50_ms"] for m in ms]),
+                          "ttft_p95_ms": median([m["ttft_p95_ms"] for m in ms]),
+                          "failures": sum(m["failures"] for m in ms)} for c, ms in per.items()}
+               for side, per in out.items()}
+    return {"summary": summary, "raw": out}
+
+
+def onnx_section(env: dict[str, str], workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    servers = {"parallel 4": Server(env, "models:/bench-onnx/1", "--threads", str(args.threads), "--parallel", "4",
+                                    log=workdir / "serve-onnx-batched.log"),
+               "parallel 1": Server(env, "models:/bench-onnx/1", "--threads", str(args.threads), "--parallel", "1",
+                                    log=workdir / "serve-onnx-serial.log")}
+    out: dict[str, dict[int, list[float]]] = {k: {1: [], 4: []} for k in servers}
+    for srv in servers.values():
+        concurrent(srv.port, "bench-onnx", 1, 1, 8, PROMPT, "warm")
+    for r in range(args.rounds):
+        for c in (1, 4):
+            for side, srv in servers.items():
+                m = concurrent(srv.port, "bench-onnx", c, 2, args.max_tokens, PROMPT, f"r{r}")
+                out[side][c].append(m["tokens_per_s"])
+                print(f"onnx round {r + 1}, {c} clients, {side}: {m['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+    for srv in servers.values():
+        srv.stop()
+    return {k: {c: median(v) for c, v in per.items()} for k, per in out.items()}
+
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--sections", default="single,concurrency,onnx,swap")
     ap.add_argument("--workdir")
     ap.add_argument("--json", dest="json_out")
     args = ap.parse_args()
-
+    sections = set(args.sections.split(","))
     from llmops.app.converting import convert
     from llmops.app.fixtures import smollm2_checkpoint
 
+    load_before = loadavg()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="llmops-bench-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = smollm2_checkpoint(progress=lambda m: print(m, file=sys.stderr))
-    v1 = workdir / "smollm2-q4_k_m.gguf"
-    v2 = workdir / "smollm2-q8_0.gguf"
-    for target, path in (("gguf-q4_k_m", v1), ("gguf-q8_0", v2)):
+    files = {"q4_k_m": ("gguf-q4_k_m", workdir / "smollm2-q4_k_m.gguf"), "q8_0": ("gguf-q8_0", workdir / "smollm2-q8_0.gguf"),
+             "f16": ("gguf-f16", workdir / "smollm2-f16.gguf"), "onnx": ("onnx-int4", workdir / "smollm2-onnx-int4")}
+    for target, path in files.values():
         if not path.exists():
             convert(ckpt, target, path, verify=False)
 
@@ -286,108 +314,27 @@ def main() -> None:
     from llmops.app.cli import main as cli
 
     if not (store / "llmops.db").exists():
-        for p in (v1, v2):
-            assert cli(["models", "register", str(p), "--name", "bench"]) == 0
+        for key in ("q4_k_m", "q8_0"):
+            assert cli(["models", "register", str(files[key][1]), "--name", "bench"]) == 0
         assert cli(["promote", "bench", "1"]) == 0
+        assert cli(["models", "register", str(files["f16"][1]), "--name", "bench-f16"]) == 0
+        assert cli(["models", "register", str(files["onnx"][1]), "--name", "bench-onnx"]) == 0
 
-    n_ctx = "2048"
-    traced = Server(env, "models:/bench/1", "--threads", str(args.threads), "--ctx", n_ctx, log=workdir / "serve-traced.log")
-    plain = Server(env, "models:/bench/1", "--threads", str(args.threads), "--ctx", n_ctx, "--no-trace",
-                   log=workdir / "serve-plain.log")
-    import llama_cpp
-
-    from llmops.benchmarks.runner_llamacpp import _model_params, extra_bufts_ok
-
-    # the same llama.cpp settings as the server's engine (n_batch 512, the CPU buffer types it picks)
-    with _model_params(use_extra_bufts=extra_bufts_ok()):
-        llm = llama_cpp.Llama(str(v1), n_ctx=int(n_ctx), n_batch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False, chat_format="chat_template.default")
-    clients = {"traced": traced.client(), "plain": plain.client()}
-    res: dict[str, dict[str, list[float]]] = {k: {"ttft": [], "tps": [], "tokens": []} for k in ("inproc", "traced", "plain")}
-    mismatches = 0
-    order = ["inproc", "traced", "plain"]
-    # warm-up: each side once
-    stream_inprocess(llm, "w. " + PROMPT, 8)
-    for c in clients.values():
-        stream_served(c, "w. " + PROMPT, 8)
-    for i in range(args.runs):
-        prompt = f"{i + 1}. {PROMPT}"
-        texts: dict[str, str] = {}
-        tokens = None
-        rot = order[i % 3:] + order[:i % 3]
-        for side in rot:
-            if side == "inproc":
-                ttft, total, text = stream_inprocess(llm, prompt, args.max_tokens)
-                res[side]["ttft"].append(ttft)
-                res[side]["_total"] = res[side].get("_total", []) + [total]
-                texts[side] = text
-            else:
-                ttft, total, n, text = stream_served(clients[side], prompt, args.max_tokens)
-                tokens = n
-                res[side]["ttft"].append(ttft)
-                res[side]["tps"].append(n / total)
-                res[side]["tokens"].append(n)
-                texts[side] = text
-        # the same greedy text on every side: the served token count is the in-process one too
-        res["inproc"]["tps"].append(tokens / res["inproc"]["_total"][-1])
-        res["inproc"]["tokens"].append(tokens)
-        if len(set(texts.values())) != 1:
-            mismatches += 1
-        print(f"run {i + 1}: " + ", ".join(f"{k} ttft {res[k]['ttft'][-1] * 1000:.0f} ms tps {res[k]['tps'][-1]:.1f}"
-                                            for k in order), file=sys.stderr)
-    llm.close()
-
-    conc = {"traced": [], "plain": []}
-    for i in range(max(1, args.runs // 2)):
-        for side in (("traced", "plain") if i % 2 == 0 else ("plain", "traced")):
-            conc[side].append(concurrent_tps(traced if side == "traced" else plain, 4, 4, 32))
-    traced.stop()
-    plain.stop()
-    swap = swap_memory(env, workdir, args.runs, args.threads)
-
-    med = {k: {"ttft_ms": median(v["ttft"]) * 1000, "tokens_per_s": median(v["tps"])} for k, v in res.items()}
-    out = {
-        "model": "SmolLM2-135M-Instruct gguf-q4 (Q4_K_M)", "threads": args.threads, "max_tokens": args.max_tokens,
-        "runs": args.runs, "completion_tokens": res["traced"]["tokens"], "text_mismatches": mismatches,
-        "single_stream": med,
-        "ratios": {
-            "serve_vs_inprocess_tokens_per_s": med["traced"]["tokens_per_s"] / med["inproc"]["tokens_per_s"],
-            "serve_notrace_vs_inprocess_tokens_per_s": med["plain"]["tokens_per_s"] / med["inproc"]["tokens_per_s"],
-            "serve_vs_inprocess_ttft": med["traced"]["ttft_ms"] / med["inproc"]["ttft_ms"],
-            "tracing_on_vs_off_tokens_per_s": med["traced"]["tokens_per_s"] / med["plain"]["tokens_per_s"],
-            "tracing_on_vs_off_ttft": med["traced"]["ttft_ms"] / med["plain"]["ttft_ms"],
-            "tracing_on_vs_off_4_clients_tokens_per_s": median(conc["traced"]) / median(conc["plain"]),
-        },
-        "four_clients_tokens_per_s": {k: median(v) for k, v in conc.items()},
-        "swap": swap,
-        "raw": {k: {kk: vv for kk, vv in v.items()} for k, v in res.items()},
-    }
-    r = out["ratios"]
-    rows = [
-        ("llama-cpp-python in-process", med["inproc"]["tokens_per_s"], med["inproc"]["ttft_ms"], 1.0, 1.0),
-        ("llmops serve, tracing on", med["traced"]["tokens_per_s"], med["traced"]["ttft_ms"],
-         r["serve_vs_inprocess_tokens_per_s"], r["serve_vs_inprocess_ttft"]),
-        ("llmops serve --no-trace", med["plain"]["tokens_per_s"], med["plain"]["ttft_ms"],
-         r["serve_notrace_vs_inprocess_tokens_per_s"], med["plain"]["ttft_ms"] / med["inproc"]["ttft_ms"]),
-    ]
-    print(f"\nSmolLM2-135M gguf-q4, {args.threads} threads, {args.max_tokens} greedy tokens after a "
-          f"{len(PROMPT.split())}-word prompt, streamed, median of {args.runs} interleaved runs "
-          f"(identical texts: {args.runs - mismatches}/{args.runs})\n")
-    print("| | tokens/s | TTFT ms | tokens/s ratio | TTFT ratio |\n|---|---|---|---|---|")
-    for name, tps, ttft, rt, rf in rows:
-        print(f"| {name} | {tps:.1f} | {ttft:.0f} | {rt:.3f} | {rf:.3f} |")
-    print(f"\ntracing on/off: single stream {r['tracing_on_vs_off_tokens_per_s']:.3f}× tokens/s, "
-          f"4 clients {r['tracing_on_vs_off_4_clients_tokens_per_s']:.3f}× tokens/s "
-          f"({out['four_clients_tokens_per_s']['traced']:.1f} vs {out['four_clients_tokens_per_s']['plain']:.1f})")
-    print(f"swap v1 (Q4_K_M {v1.stat().st_size / 2**20:.1f} MiB) ⇄ v2 (Q8_0 {v2.stat().st_size / 2**20:.1f} MiB), "
-          f"{args.runs} swaps under a streaming client: RSS before {swap['rss_before_mib']:.0f} MiB, peak during "
-          f"swaps median {median(swap['peak_during_swap_mib']):.0f} MiB (max {max(swap['peak_during_swap_mib']):.0f}), "
-          f"after median {median(swap['rss_after_mib']):.0f} MiB, VmHWM {swap['vmhwm_mib']:.0f} MiB (the trace "
-          f"writer process: {swap['trace_writer_rss_mib']:.0f} MiB more); swap "
-          f"median {median(swap['swap_seconds']):.2f} s; {swap['requests_during_swaps']} requests, "
-          f"{swap['failed_requests']} failed")
+    out: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "max_tokens": args.max_tokens,
+                           "runs": args.runs, "rounds": args.rounds, "load_before": load_before}
+    if "single" in sections:
+        out["single_stream"] = single_stream(env, workdir, files["q4_k_m"][1], args)
+    if "concurrency" in sections:
+        out["concurrency"] = {"Q4_K_M": concurrency(env, workdir, "bench", files["q4_k_m"][1], args),
+                              "F16": concurrency(env, workdir, "bench-f16", files["f16"][1], args)}
+    if "onnx" in sections:
+        out["onnx"] = onnx_section(env, workdir, args)
+    if "swap" in sections:
+        out["swap"] = swap_memory(env, workdir, args.runs, args.threads)
+    out["load_after"] = loadavg()
+    report(out, files, args, PROMPT)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2))
+        Path(args.json_out).write_text(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ trace carries, so writer and readers agree, and reads them back with MLflow's
   ``llmops.version``, ``llmops.alias`` (empty when a pinned version or a path is served),
   ``llmops.status`` and ``llmops.endpoint``;
 * metadata (numbers as text, as MLflow keeps metadata): latency, time to first token, queue
-  wait, generation time, token counts, tokens/s, and the moment the request was given its
-  version (``llmops.acquired_ms``), which orders requests into phases exactly as the server
-  switched them.
+  wait (arrival to a free sequence slot of the batching engine), generation time, token
+  counts, tokens/s, and the moment the request was given its version
+  (``llmops.acquired_ms``), which orders requests into phases exactly as the server switched
+  them.
 
 The figures (percentiles, error rate, phases) are computed here because MLflow's trace
 search returns records, not aggregates; its own metrics API is for runs, not traces.
@@ -88,6 +89,7 @@ class RequestRecord:
     generation_ms: float | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    queue_ms: float | None = None  # arrival to a sequence slot
 
 
 @dataclass
@@ -125,6 +127,8 @@ class VersionSummary:
     completion_tokens: int
     first: str
     last: str
+    p50_queue_ms: float | None = None  # waits for a sequence slot, over completed requests
+    p95_queue_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -246,6 +250,7 @@ def read_requests(store: Store, name: str, since_ms: int, alias: str | None = No
             timestamp_ms=ts, acquired_ms=int(acquired) if acquired is not None else ts,
             latency_ms=latency, ttft_ms=_num(meta, META_TTFT_MS), generation_ms=_num(meta, META_GENERATION_MS),
             prompt_tokens=int(pt) if pt is not None else None, completion_tokens=int(ct) if ct is not None else None,
+            queue_ms=_num(meta, META_QUEUE_MS),
         ))
     return out
 
@@ -303,6 +308,8 @@ def summarize_version(version: str, recs: list[RequestRecord]) -> VersionSummary
         tokens_per_s=round(toks / gen_s, 2) if gen_s > 0 else None,
         prompt_tokens=sum((r.prompt_tokens or 0) for r in recs), completion_tokens=toks,
         first=_iso(min(r.acquired_ms for r in recs)) if recs else "", last=_iso(max(r.acquired_ms for r in recs)) if recs else "",
+        p50_queue_ms=_round(percentile([r.queue_ms for r in done], 50)),
+        p95_queue_ms=_round(percentile([r.queue_ms for r in done], 95)),
     )
 
 
@@ -342,7 +349,8 @@ def gate_metrics(store: Store, name: str, version: str, *, alias: str | None = N
     for promotion gates: ``prod_requests`` (served: completed or failed by the server),
     ``prod_error_rate`` (server failures over those), ``prod_client_error_rate`` (requests
     refused as invalid, over all), ``prod_cancelled``, ``prod_p50_latency_ms``,
-    ``prod_p95_latency_ms``, ``prod_p50_ttft_ms``, ``prod_p95_ttft_ms``, ``prod_tokens_per_s``.
+    ``prod_p95_latency_ms``, ``prod_p50_ttft_ms``, ``prod_p95_ttft_ms``, ``prod_tokens_per_s``,
+    ``prod_p95_queue_ms`` (the wait for a sequence slot).
     A version never served yields no figures (a gate on one then fails with a hint); a
     store that cannot be searched for traces yields none either."""
     try:
@@ -359,6 +367,7 @@ def gate_metrics(store: Store, name: str, version: str, *, alias: str | None = N
         "cancelled": float(s.cancelled),
         "p50_latency_ms": s.p50_latency_ms, "p95_latency_ms": s.p95_latency_ms,
         "p50_ttft_ms": s.p50_ttft_ms, "p95_ttft_ms": s.p95_ttft_ms, "tokens_per_s": s.tokens_per_s,
+        "p95_queue_ms": s.p95_queue_ms,
     }
     return {GATE_PREFIX + k: float(v) for k, v in figures.items() if v is not None}
 

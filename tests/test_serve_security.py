@@ -17,6 +17,9 @@ from test_serve import KEY, Server, _env, _wait, artifacts, raw, register, start
 
 CHAT = "/v1/chat/completions"
 OK = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+ECHO = json.dumps({"prompt": [1, 2, 3], "max_tokens": 0, "echo": True, "logprobs": 1}).encode()
+TOKENIZE = json.dumps({"prompt": "hello"}).encode()
+DETOKENIZE = json.dumps({"tokens": [1, 2]}).encode()
 
 
 def request(server: Server, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
@@ -104,6 +107,13 @@ def test_a_key_makes_the_host_check_the_key(artifacts, tmp_path) -> None:  # noq
         assert data["version"] == "1" and data["sha256"] and "ref" in data
         code, data = request(server, CHAT, json.dumps(OK).encode(), {**auth, "Content-Type": "text/plain"})
         assert code == 415
+        # the tokenizer endpoints and scoring completions (echo, logprobs) need the key too
+        js = {"Content-Type": "application/json"}
+        for path, body in (("/tokenize", TOKENIZE), ("/detokenize", DETOKENIZE), ("/tokenizer_info", None),
+                           ("/v1/completions", ECHO)):
+            code, data = request(server, path, body, js if body else {})
+            assert code == 401 and data["error"]["code"] == "invalid_api_key", (path, data)
+            assert request(server, path, body, {**(js if body else {}), **auth})[0] == 200, path
     finally:
         server.stop()
 
@@ -303,3 +313,37 @@ def test_ipv6_loopback_serves(artifacts, tmp_path) -> None:  # noqa: F811
         from llmops.app.server import stop
 
         stop(proc, timeout=60)
+
+
+def test_the_tokenizer_and_echo_paths_keep_the_guard(open_server) -> None:
+    """/tokenize, /detokenize, /tokenizer_info and completions with echo and logprobs on a
+    key-less server: a foreign Host or Origin (403) and a form post (415) are refused (the key
+    they need where one is set: test_a_key_makes_the_host_check_the_key)."""
+    server, _ = open_server
+    js = {"Content-Type": "application/json"}
+    for path, body in (("/tokenize", TOKENIZE), ("/detokenize", DETOKENIZE), ("/tokenizer_info", None),
+                       ("/v1/completions", ECHO)):
+        assert request(server, path, body, js if body else {}, host="attacker.example")[0] == 403, path
+        assert request(server, path, body, {**js, "Origin": "https://attacker.example"} if body else
+                       {"Origin": "https://attacker.example"})[0] == 403, path
+        if body is not None:
+            assert request(server, path, body, {"Content-Type": "text/plain"})[0] == 415, path
+        assert request(server, path, body, js if body else {})[0] == 200, path
+
+
+def test_a_long_batch_of_prompts_stays_within_the_limits(open_server) -> None:
+    """Prompts beyond what the server admits at once are refused whole (400), a body past the
+    limit is refused before it is read (413), and the server answers the next request."""
+    server, _ = open_server
+    js = {"Content-Type": "application/json"}
+    many = json.dumps({"prompt": [[1, 2, 3]] * 1000, "max_tokens": 1, "echo": True, "logprobs": 5}).encode()
+    code, data = request(server, "/v1/completions", many, js)
+    assert code == 400 and "exceed what this server admits" in data["error"]["message"], data
+    huge = json.dumps({"prompt": [[7] * 200] * 4000, "max_tokens": 1, "echo": True, "logprobs": 5}).encode()
+    assert len(huge) > 2 << 20
+    code, data = request(server, "/v1/completions", huge, js)
+    assert code == 413 and "limit" in data["error"]["message"], data
+    code, data = request(server, "/v1/completions", json.dumps({"prompt": "x", "logprobs": 50}).encode(), js)
+    assert code == 400 and "'logprobs'" in data["error"]["message"]
+    assert request(server, "/v1/completions", json.dumps({"prompt": [1, 2], "max_tokens": 1, "echo": True,
+                                                          "logprobs": 5}).encode(), js)[0] == 200

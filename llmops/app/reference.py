@@ -36,10 +36,12 @@ def reference_converter_script() -> Path:
         tf.extractall(root.parent, members=members, filter="data")
     return script
 
+
 def llama_cpp_tool(name: str) -> Path:
-    """One of llama.cpp's own tools (llama-perplexity, llama-bench, llama-quantize), built from the
-    same llama.cpp that llama-cpp-python wraps, so both sides of a comparison run the same kernels
-    (and llama-quantize reads an importance matrix exactly as the quantizer we call is handed it)."""
+    """One of llama.cpp's own tools (llama-perplexity, llama-bench, llama-quantize, llama-server),
+    built from the same llama.cpp that llama-cpp-python wraps, so both sides of a comparison run the
+    same kernels (and llama-quantize reads an importance matrix exactly as the quantizer we call is
+    handed it; llama-server batches with the very kernels ``llmops serve`` calls)."""
     from llmops.core.settings import cache_dir
 
     root = cache_dir() / "reference" / f"llama.cpp-{LLAMA_CPP_PYTHON}"
@@ -64,7 +66,11 @@ def llama_cpp_tool(name: str) -> Path:
             tf.extractall(src, members=members, filter="data")
     print(f"building {name} (once; several minutes on 2 cores)", file=sys.stderr)
     subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    # the server's targets only exist when asked for; the web UI and HTTPS are not needed
+                    # on a loopback benchmark (nor built: only the named target is)
+                    f"-DLLAMA_BUILD_SERVER={'ON' if name == 'llama-server' else 'OFF'}", "-DLLAMA_BUILD_UI=OFF",
+                    "-DLLAMA_OPENSSL=OFF"],
                    check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(root / "build"), "--target", name, "-j", str(os.cpu_count() or 2)],
                    check=True, capture_output=True)

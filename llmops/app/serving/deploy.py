@@ -1,12 +1,13 @@
 """What is served: the REF's versions loaded, verified and probed, and the switch between them.
 
-A :class:`Deployment` is one loaded version with its own worker thread (a llama.cpp context
-serves one request at a time) and a count of the requests holding it. The
+A :class:`Deployment` is one loaded version with its engine (which runs its requests on a
+thread of its own, several at once where it batches) and a count of the requests holding it. The
 :class:`Router` hands the current deployment to each new request and, on a swap, makes the
 new one current in one step under a lock; the old one is unloaded when its last request
 lets go of it. The :class:`AliasWatcher` polls the alias through MLflow's client and runs
 the swap: materialise and verify the new version's bytes against the registry's sha256,
-load it beside the old one, warm it with a probe prompt, switch. If any step fails the old
+load it beside the old one (its own engine, its own batch), warm it with a probe prompt,
+switch: requests already running finish on the old one. If any step fails the old
 version keeps serving, one line is logged, and the failed switch is recorded (a trace, a
 metric, ``/health``).
 
@@ -21,12 +22,19 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmops.app.serving.engines import Engine, GenParams, Generation, open_engine
+from llmops.app.serving.engines import (
+    Engine,
+    GenParams,
+    Job,
+    Observer,
+    open_engine,
+    run_to_end,
+)
 from llmops.core.errors import LLMOpsError, UsageError
 
 PROBE_PROMPT = "Hello"
@@ -71,7 +79,7 @@ def parse_source(ref: str) -> Source:
 
 
 class Deployment:
-    """One loaded version and the worker thread that runs it."""
+    """One loaded version and the engine that runs it."""
 
     def __init__(self, name: str, version: str, alias: str | None, engine: Engine, *, sha256: str | None,
                  fmt: str | None, path: Path, logged_model_id: str | None = None) -> None:
@@ -79,7 +87,6 @@ class Deployment:
         self.engine, self.sha256, self.fmt, self.path = engine, sha256, fmt, path
         self.logged_model_id = logged_model_id
         self.loaded_at = time.time()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llmops-{name}-v{version}")
         self.refs = 0
         self.retired = False
         self.closed = False
@@ -89,31 +96,36 @@ class Deployment:
     def label(self) -> str:
         return f"{self.name}/{self.version}"
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        return self.executor.submit(fn, *args)
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Tokenizer work, where the engine allows it (off the event loop)."""
+        return self.engine.call(fn)
+
+    def submit(self, job: Job) -> None:
+        self.engine.submit(job)
 
     def probe(self, timeout: float = PROBE_TIMEOUT_S) -> None:
-        """Generate two tokens from a short prompt on the worker thread: loads lazily-mapped
-        weights, allocates the compute buffers, and proves the version answers."""
-        def run() -> None:
-            out = Generation()
-            for _ in self.engine.generate(self.engine.text_prompt(PROBE_PROMPT), GenParams(max_tokens=2, temperature=0.0),
-                                          threading.Event(), out):
-                pass
-            if out.first_token_at is None:
-                raise LLMOpsError("the probe prompt produced no token")
-
-        self.submit(run).result(timeout=timeout)
+        """Generate two tokens from a short prompt: loads lazily-mapped weights, allocates the
+        compute buffers, and proves the version answers."""
+        _, out = run_to_end(self.engine, self.engine.text_prompt(PROBE_PROMPT), GenParams(max_tokens=2, temperature=0.0),
+                            timeout)
+        if out.first_token_at is None:
+            raise LLMOpsError("the probe prompt produced no token")
 
     def close(self) -> None:
-        """Unload after the work already queued (the worker thread owns the runtime)."""
+        """Unload once the jobs already handed in have ended (the engine's thread owns the runtime)."""
         self.closed = True
-        self.executor.submit(self.engine.close)
-        self.executor.shutdown(wait=False)
+        self.engine.close()
+
+    def cut(self) -> None:
+        """Cancel what runs on this version (a shutdown past its grace)."""
+        cut = getattr(self.engine, "cut", None)
+        if cut is not None:
+            cut()
 
     def describe(self) -> dict[str, Any]:
         return {"model": self.name, "version": self.version, "alias": self.alias, "format": self.fmt,
                 "backend": self.engine.backend, "sha256": self.sha256, "n_ctx": self.engine.n_ctx,
+                "parallel": self.engine.parallel, "failed": getattr(self.engine, "failed", None),
                 "loaded_at": self.loaded_at}
 
 
@@ -123,6 +135,7 @@ class Router:
     def __init__(self, first: Deployment) -> None:
         self._lock = threading.Lock()
         self.current = first
+        self._retiring: list[Deployment] = []  # switched away from, requests still running on them
 
     def acquire(self) -> Deployment:
         with self._lock:
@@ -136,6 +149,8 @@ class Router:
             unload = d.retired and d.refs == 0 and not d.closed
             if unload:
                 d.closed = True
+                if d in self._retiring:
+                    self._retiring.remove(d)
         if unload:
             d.close()
 
@@ -146,6 +161,8 @@ class Router:
             unload = old.refs == 0 and not old.closed
             if unload:
                 old.closed = True
+            elif not old.closed:
+                self._retiring.append(old)
         if unload:
             old.close()
         return old
@@ -157,9 +174,17 @@ class Router:
     def close(self) -> None:
         with self._lock:
             d = self.current
-            if not d.closed:
-                d.closed = True
+            if d.closed:
+                return
+            d.closed = True
         d.close()
+
+    def cut(self) -> None:
+        """Cancel every request running on any version still loaded."""
+        with self._lock:
+            live = [self.current, *self._retiring]
+        for d in live:
+            d.cut()
 
 
 @dataclass
@@ -174,10 +199,23 @@ class Loader:
     """Registry versions to loaded, verified, probed deployments."""
 
     def __init__(self, store, *, device: str, threads: int | None, n_ctx: int,  # noqa: ANN001 - Store | None
-                 link_traces: bool = True) -> None:
+                 link_traces: bool = True, parallel: int | None = None,
+                 observer: Callable[[str, str], Observer] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.store = store
         self.device, self.threads, self.n_ctx = device, threads, n_ctx
         self.link_traces = link_traces
+        self.parallel = parallel
+        self.observer = observer
+        self.log = log
+
+    def _open(self, path: Path, fmt: str | None, name: str, version: str) -> Engine:
+        observer = self.observer(name, version) if self.observer else None
+        engine = open_engine(path, fmt, n_ctx=self.n_ctx, threads=self.threads, device=self.device,
+                             parallel=self.parallel, observer=observer, name=f"{name}-v{version}")
+        if self.log is not None and hasattr(engine, "log"):
+            engine.log = self.log
+        return engine
 
     def fetch(self, name: str, version: str) -> Fetched:
         """The version's bytes on local disk, checked against the registry's sha256, at a path
@@ -228,7 +266,7 @@ class Loader:
         t0 = time.perf_counter()
         f = self.fetch(name, version)
         t1 = time.perf_counter()
-        engine = open_engine(f.path, f.fmt, n_ctx=self.n_ctx, threads=self.threads, device=self.device)
+        engine = self._open(f.path, f.fmt, name, version)
         t2 = time.perf_counter()
         logged = None
         if self.link_traces:
@@ -246,7 +284,7 @@ class Loader:
         return d
 
     def deploy_path(self, source: Source) -> Deployment:
-        engine = open_engine(source.path, None, n_ctx=self.n_ctx, threads=self.threads, device=self.device)
+        engine = self._open(source.path, None, source.name, "local")
         d = Deployment(source.name, "local", None, engine, sha256=None, fmt=None, path=source.path)
         try:
             d.probe()

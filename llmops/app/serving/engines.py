@@ -1,25 +1,35 @@
-"""The runtimes behind ``llmops serve``: llama.cpp for GGUF files, onnxruntime-genai for ONNX folders.
+"""What runs a model for ``llmops serve``: engines, the jobs they take, and opening one.
 
-Both take a prompt as token ids and yield text as it is generated; the chat template and the
-tokenizer come from the artifact itself (the GGUF's ``tokenizer.chat_template`` through
-llama-cpp-python's own ``Jinja2ChatFormatter``, the folder's template through
-onnxruntime-genai's ``Tokenizer.apply_chat_template``), so the server's token counts are
-the model's tokenizer's.
+An engine takes :class:`Job` s (a tokenized prompt, sampling parameters, a :class:`Sink` for
+its text) and runs them on a thread of its own, calling the sink from that thread. How many it
+runs at once is the engine's business:
 
-An engine is not thread-safe: the server calls one from a single worker thread.
+* GGUF: :class:`llmops.app.serving.batching.LlamaBatchEngine`, continuous batching over
+  llama.cpp's batch API (several sequences in one ``llama_decode``; a new request joins the
+  running batch between two decode steps). ``--parallel 1`` decodes one sequence at a time.
+* ONNX: onnxruntime-genai, one request at a time through its ``Generator``
+  (:class:`SerialEngine` around :class:`~llmops.app.serving.onnx_engine.OnnxGenaiEngine`), or
+  ``--parallel N`` batches through its ``Engine`` (static batching on CPU).
+
+Token counts are the model's tokenizer's. Sampling is llama-cpp-python's (and
+onnxruntime-genai's) own: the same chain, the same defaults, greedy when temperature is 0.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from llmops.app.serving.textout import LogprobTrace
 from llmops.core.errors import LLMOpsError
+
+MAX_PARALLEL = 8  # llama-server's measured gain on a 2-core CPU flattens out around here
+ONNX_PARALLEL = 4  # onnxruntime-genai's engine, static batching on CPU: its measured gain at 4
 
 
 class NoChatTemplate(LLMOpsError):
@@ -35,304 +45,206 @@ class GenParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # report log probabilities, with this many alternatives per position
+    echo: bool = False  # ... of the prompt's tokens too (the prompt itself is not returned as text here)
 
 
 @dataclass
 class Prompt:
-    """Token ids to generate from, with the stop sequences and stopping rule their template adds."""
+    """Token ids to generate from, with the stop sequences and stop tokens their template adds."""
 
     tokens: list[int]
     stop: list[str] = field(default_factory=list)
-    stopping: Any = None
+    stop_ids: frozenset[int] = frozenset()
 
 
 @dataclass
 class Generation:
-    """What one generation did, filled in while it runs."""
+    """What one generation did, filled in by the engine while it runs."""
 
     completion_tokens: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None  # time.perf_counter() of the first sampled token
     cancelled: bool = False
+    queued_at: float | None = None  # handed to the engine
+    started_at: float | None = None  # given a sequence slot (the end of its wait in the queue)
+    logprobs: LogprobTrace | None = None
+
+
+class Sink(Protocol):
+    """Where a job's output goes; called from the engine's thread."""
+
+    def text(self, piece: str) -> None: ...
+
+    def done(self, error: BaseException | None) -> None: ...
+
+
+@dataclass(eq=False)  # a job is itself, not its fields: it is kept in sets
+class Job:
+    prompt: Prompt
+    params: GenParams
+    sink: Sink
+    cancel: threading.Event = field(default_factory=threading.Event)
+    out: Generation = field(default_factory=Generation)
+
+
+class Observer:
+    """What engines report for ``/metrics``; this one records nothing."""
+
+    def step(self, sequences: int) -> None:
+        """One decode step ran with this many sequences in its batch."""
+
+    def started(self, job: Job) -> None:
+        """A job left the queue for a slot (``out.queued_at`` → ``out.started_at``)."""
 
 
 class Engine(Protocol):
     backend: str
-    n_ctx: int
+    n_ctx: int  # tokens one sequence may hold (prompt and completion)
+    parallel: int  # sequences decoded at once
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> Prompt: ...
 
     def text_prompt(self, text: str) -> Prompt: ...
 
-    def generate(self, prompt: Prompt, params: GenParams, cancel: threading.Event,
-                 out: Generation) -> Iterator[str]: ...
+    def tokenize(self, text: str, add_special: bool) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes: ...
+
+    def tokenizer_info(self) -> dict[str, Any]: ...
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    def call(self, fn: Callable[[], Any]) -> Future: ...
+
+    def submit(self, job: Job) -> None: ...
 
     def close(self) -> None: ...
 
 
-# -- llama.cpp --------------------------------------------------------------------------------
-class LlamaCppEngine:
-    """A GGUF file in llama-cpp-python's ``Llama``; generation is its ``create_completion(stream=True)``."""
+def finish(job: Job, reason: str | None, error: BaseException | None = None) -> None:
+    """End a job: its finish reason (``cancelled`` when its client left), then the sink."""
+    out = job.out
+    if job.cancel.is_set() and error is None and reason not in ("stop", "length"):
+        out.cancelled, reason = True, "cancelled"
+    out.finish_reason = out.finish_reason or reason
+    try:
+        job.sink.done(error)
+    except Exception:  # noqa: BLE001, S110 - a sink that fails must not take the engine with it
+        pass
 
-    backend = "llama.cpp"
 
-    def __init__(self, path: str | Path, *, n_ctx: int = 2048, threads: int | None = None, device: str = "cpu") -> None:
-        import llama_cpp
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+class SerialEngine:
+    """An engine that runs one job at a time to the end, on one worker thread: a runtime whose
+    ``generate(prompt, params, cancel, out)`` yields text pieces (onnxruntime-genai's
+    ``Generator``). The runtime is not thread-safe, so tokenizing runs on the same thread."""
 
-        from llmops.benchmarks.runner_llamacpp import _model_params, extra_bufts_ok
+    def __init__(self, inner: Any, observer: Observer | None = None, name: str = "llmops-engine") -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.n_ctx = inner.n_ctx
+        self.parallel = 1
+        self.observer = observer or Observer()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._jobs: set[Job] = set()  # handed in and not ended
 
-        if device == "cuda" and not llama_cpp.llama_supports_gpu_offload():
-            raise LLMOpsError("this llama-cpp-python was built without GPU offload: reinstall it with CUDA "
-                              "(CMAKE_ARGS=-DGGML_CUDA=on) or serve with --device cpu")
-        if device not in ("cpu", "cuda"):
-            raise LLMOpsError(f"unknown device {device!r}: choose cpu or cuda")
-        self._llama_cpp = llama_cpp
-        train = _train_context(path)
-        if train and n_ctx > train:
-            n_ctx = train  # beyond its training context a model's output degrades; llama.cpp only warns
-        kwargs: dict[str, Any] = {"n_threads": threads, "n_threads_batch": threads} if threads else {}
-        try:
-            with _model_params(use_extra_bufts=extra_bufts_ok()):
-                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512),
-                                           n_gpu_layers=-1 if device == "cuda" else 0, verbose=False, **kwargs)
-        except ValueError as e:
-            raise LLMOpsError(f"llama.cpp cannot load {path}: {e}") from None
-        self.n_ctx = self.llm.n_ctx()
-        self._vocab = self.llm._model.vocab
-        self._orig_generate = self.llm.generate
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        self._formatter = None
-        if template:
-            eos_id, bos_id = self.llm.token_eos(), self.llm.token_bos()
-            # as Llama.__init__ builds its "chat_template.default" handler from the same metadata
-            self._formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=self.llm._model.token_get_text(eos_id) if eos_id != -1 else "",
-                bos_token=self.llm._model.token_get_text(bos_id) if bos_id != -1 else "",
-                stop_token_ids=[eos_id],
-            )
+    @property
+    def n_vocab(self) -> int:
+        return self.inner.n_vocab
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> Prompt:
-        """As llama-cpp-python's chat handler does: render the template, tokenize with special tokens."""
-        if self._formatter is None:
-            raise NoChatTemplate("this model's GGUF has no chat template (tokenizer.chat_template): use /v1/completions")
-        res = self._formatter(messages=messages)
-        stop = [] if not res.stop else [res.stop] if isinstance(res.stop, str) else list(res.stop)
-        tokens = self.llm.tokenize(res.prompt.encode("utf-8"), add_bos=not res.added_special, special=True)
-        return Prompt(tokens, stop, res.stopping_criteria)
+        return self.inner.chat_prompt(messages)
 
     def text_prompt(self, text: str) -> Prompt:
-        # what create_completion does with a text prompt: BOS where the vocabulary wants one,
-        # special-token text kept as text
-        return Prompt(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+        return self.inner.text_prompt(text)
 
-    def generate(self, prompt: Prompt, params: GenParams, cancel: threading.Event,
-                 out: Generation) -> Iterator[str]:
-        """Text pieces of ``create_completion(prompt_ids, stream=True)``.
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.inner.tokenize(text, add_special)
 
-        The stream carries no token counts, so ``Llama.generate`` is wrapped on this instance
-        for the call: every token it samples passes through the wrapper, which counts them as
-        create_completion does (an end-of-generation token is not a completion token), notes
-        the first token's time, and stops the library's loop at a token boundary when the
-        client has gone (``cancel``) or ``max_tokens`` is reached (the library's own check is
-        skipped while a multi-byte character is incomplete)."""
-        llm, vocab, orig, is_eog = self.llm, self._vocab, self._orig_generate, self._llama_cpp.llama_vocab_is_eog
-        limit = params.max_tokens
+    def piece(self, token: int) -> bytes:
+        return self.inner.piece(token)
 
-        def counted(*args: Any, **kwargs: Any) -> Iterator[int]:
-            inner = orig(*args, **kwargs)
+    def tokenizer_info(self) -> dict[str, Any]:
+        return self.inner.tokenizer_info()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        return self._executor.submit(fn)
+
+    def submit(self, job: Job) -> None:
+        job.out.queued_at = time.perf_counter()
+        self._jobs.add(job)
+        self._executor.submit(self._run, job)
+
+    def cut(self) -> None:
+        """Cancel every job, running or queued (a stop past its grace)."""
+        for job in list(self._jobs):
+            job.cancel.set()
+
+    def _run(self, job: Job) -> None:
+        job.out.started_at = time.perf_counter()
+        self.observer.started(job)
+        try:
+            if job.cancel.is_set():
+                finish(job, "cancelled")
+                return
             try:
-                for tok in inner:
-                    if out.first_token_at is None:
-                        out.first_token_at = time.perf_counter()
-                    if is_eog(vocab, tok):
-                        yield tok
-                        return
-                    if cancel.is_set():
-                        out.cancelled = True
-                        return
-                    out.completion_tokens += 1
-                    yield tok
-                    if out.completion_tokens >= limit:
-                        out.finish_reason = "length"
-                        return
-            finally:
-                inner.close()
-
-        stop = list(params.stop) + [s for s in prompt.stop if s not in params.stop]
-        llm.generate = counted
-        try:
-            stream = llm.create_completion(
-                prompt=list(prompt.tokens), max_tokens=limit, temperature=params.temperature, top_p=params.top_p,
-                stop=stop, seed=params.seed, presence_penalty=params.presence_penalty,
-                frequency_penalty=params.frequency_penalty, stream=True,
-                stopping_criteria=prompt.stopping,
-            )
-            for chunk in stream:
-                choice = chunk["choices"][0]
-                if choice.get("text"):
-                    yield choice["text"]
-                if choice.get("finish_reason") and out.finish_reason is None:
-                    out.finish_reason = choice["finish_reason"]
+                for piece in self.inner.generate(job.prompt, job.params, job.cancel, job.out, self.observer):
+                    job.sink.text(piece)
+            except BaseException as exc:  # noqa: BLE001 - reported to the request, the worker goes on
+                finish(job, None, exc)
+                return
+            finish(job, job.out.finish_reason or "length")
         finally:
-            llm.generate = orig
-        if out.cancelled:
-            out.finish_reason = "cancelled"
+            self._jobs.discard(job)
 
     def close(self) -> None:
-        self.llm.close()
+        """Unload after the work already queued (the worker thread owns the runtime)."""
+        self._executor.submit(self.inner.close)
+        self._executor.shutdown(wait=False)
 
 
-def _train_context(path: str | Path) -> int | None:
-    """``{arch}.context_length`` of a GGUF, read by llama.cpp from the header alone (the model
-    loaded vocabulary-only through llama-cpp-python's model wrapper: no weights, no context)."""
-    import llama_cpp
-    from llama_cpp._internals import LlamaModel
+def run_to_end(engine: Engine, prompt: Prompt, params: GenParams, timeout: float) -> tuple[str, Generation]:
+    """One job through ``engine``, waited for: its text and what it did (the probe; tests)."""
+    done = threading.Event()
+    parts: list[str] = []
+    failure: list[BaseException] = []
 
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    try:
-        model = LlamaModel(path_model=str(path), params=params, verbose=False)
-    except Exception:  # noqa: BLE001 - the full load reports what is wrong with the file
-        return None
-    try:
-        meta = model.metadata()
-        raw = meta.get(f"{meta.get('general.architecture', '')}.context_length")
-        return int(raw) if raw and str(raw).isdigit() else None
-    finally:
-        model.close()
+    class _Collect:
+        def text(self, piece: str) -> None:
+            parts.append(piece)
 
+        def done(self, error: BaseException | None) -> None:
+            if error is not None:
+                failure.append(error)
+            done.set()
 
-# -- onnxruntime-genai ------------------------------------------------------------------------
-class _StopText:
-    """Stop sequences over streamed text: onnxruntime-genai stops only on end-of-sequence ids, so
-    text that may begin a stop sequence is held back until it cannot, and nothing from a stop
-    sequence on is emitted (as OpenAI and llama.cpp do)."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.buf = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        self.buf += piece
-        if not self.stops:
-            out, self.buf = self.buf, ""
-            return out, False
-        hits = [self.buf.find(s) for s in self.stops if s in self.buf]
-        if hits:
-            out, self.buf = self.buf[: min(hits)], ""
-            return out, True
-        cut = max(0, len(self.buf) - self.hold)
-        out, self.buf = self.buf[:cut], self.buf[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
+    job = Job(prompt, params, _Collect())
+    engine.submit(job)
+    if not done.wait(timeout):
+        job.cancel.set()
+        raise LLMOpsError(f"no answer within {timeout:.0f} s")
+    if failure:
+        raise failure[0]
+    return "".join(parts), job.out
 
 
-class OnnxGenaiEngine:
-    """An ONNX decoder folder in onnxruntime-genai (``Model``, ``Tokenizer``, ``Generator``)."""
+def default_parallel(n_ctx: int, kv_bytes_per_token: int | None) -> int:
+    """Sequences to decode at once when ``--parallel`` is not given: up to :data:`MAX_PARALLEL`,
+    fewer where their KV cache (``n_ctx`` tokens each) would take more than a quarter of the
+    memory available now."""
+    if not kv_bytes_per_token:
+        return MAX_PARALLEL
+    from llmops.core.procfs import kib_field
 
-    backend = "onnxruntime-genai"
-
-    def __init__(self, folder: str | Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 device: str = "cpu") -> None:
-        import numpy as np
-        import onnxruntime_genai as og
-
-        from llmops.core.genai_config import check_folder
-
-        folder = Path(folder)
-        # before onnxruntime-genai reads it: the file can name native libraries and paths out of the folder
-        genai = check_folder(folder)
-        self._og, self._np = og, np
-        config = og.Config(str(folder))
-        if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
-        if device == "cuda":
-            config.clear_providers()
-            config.append_provider("cuda")
-        elif device != "cpu":
-            raise LLMOpsError(f"unknown device {device!r}: choose cpu or cuda")
-        try:
-            self.model = og.Model(config)
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types
-            raise LLMOpsError(f"onnxruntime-genai cannot load {folder}: {e}") from None
-        self.tok = og.Tokenizer(self.model)
-        ctx = int(genai.get("model", {}).get("context_length") or genai.get("search", {}).get("max_length") or 2048)
-        self.n_ctx = min(int(n_ctx), ctx) if n_ctx else ctx
-        eos = genai.get("model", {}).get("eos_token_id")
-        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        try:
-            self.eos |= {int(t) for t in self.tok.eos_token_ids}
-        except Exception:  # noqa: BLE001, S110 - older tokenizers lack the property; the config names them
-            pass
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> Prompt:
-        try:
-            text = self.tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001
-            raise NoChatTemplate(f"this ONNX folder has no usable chat template ({e}): use /v1/completions") from None
-        return Prompt([int(t) for t in self.tok.encode(text)])
-
-    def text_prompt(self, text: str) -> Prompt:
-        return Prompt([int(t) for t in self.tok.encode(text)])
-
-    def generate(self, prompt: Prompt, params: GenParams, cancel: threading.Event,
-                 out: Generation) -> Iterator[str]:
-        og, np = self._og, self._np
-        gp = og.GeneratorParams(self.model)
-        opts: dict[str, Any] = {"max_length": len(prompt.tokens) + params.max_tokens, "do_sample": params.temperature > 0}
-        if params.temperature > 0:
-            opts.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        if params.seed is not None:
-            opts["random_seed"] = int(params.seed)
-        gp.set_search_options(**opts)
-        gen = og.Generator(self.model, gp)
-        stops = _StopText(params.stop)
-        try:
-            gen.append_tokens(np.asarray(prompt.tokens, dtype=np.int32))
-            stream = self.tok.create_stream()
-            while not gen.is_done():
-                if cancel.is_set():
-                    out.cancelled = True
-                    out.finish_reason = "cancelled"
-                    return
-                gen.generate_next_token()
-                tok = int(gen.get_next_tokens()[0])
-                if out.first_token_at is None:
-                    out.first_token_at = time.perf_counter()
-                if tok in self.eos:
-                    out.finish_reason = "stop"
-                    break
-                out.completion_tokens += 1
-                text, stopped = stops.feed(stream.decode(tok))
-                if text:
-                    yield text
-                if stopped:
-                    out.finish_reason = "stop"
-                    return
-                if out.completion_tokens >= params.max_tokens:
-                    out.finish_reason = "length"
-                    break
-            rest = stops.flush()
-            if rest:
-                yield rest
-            if out.finish_reason is None:
-                out.finish_reason = "length"
-        finally:
-            del gen
-
-    def close(self) -> None:
-        self.tok = None
-        self.model = None
+    avail = (kib_field("/proc/meminfo", "MemAvailable") or 0) * 1024
+    if not avail:
+        return MAX_PARALLEL
+    return max(1, min(MAX_PARALLEL, int(avail // 4 // (n_ctx * kv_bytes_per_token))))
 
 
-def open_engine(path: str | Path, fmt: str | None, *, n_ctx: int, threads: int | None, device: str) -> Engine:
+def open_engine(path: str | Path, fmt: str | None, *, n_ctx: int, threads: int | None, device: str,
+                parallel: int | None = None, observer: Observer | None = None, name: str = "model") -> Engine:
     """The engine for an artifact: GGUF file → llama.cpp, ONNX folder → onnxruntime-genai."""
     p = Path(path)
     if fmt is None or fmt in ("unknown", "file", "folder"):
@@ -345,10 +257,29 @@ def open_engine(path: str | Path, fmt: str | None, *, n_ctx: int, threads: int |
             if len(ggufs) != 1:
                 raise LLMOpsError(f"{p} holds {len(ggufs)} GGUF files: serve one file")
             p = ggufs[0]
-        return LlamaCppEngine(p, n_ctx=n_ctx, threads=threads, device=device)
+        from llmops.app.serving.batching import LlamaBatchEngine
+
+        return LlamaBatchEngine(p, n_ctx=n_ctx, threads=threads, device=device, parallel=parallel,
+                                observer=observer, name=name)
     if fmt == "onnx":
         if p.is_file():
             p = p.parent
-        return OnnxGenaiEngine(p, n_ctx=n_ctx, threads=threads, device=device)
+        from llmops.app.serving.onnx_batch import OnnxBatchEngine
+        from llmops.app.serving.onnx_engine import OnnxGenaiEngine
+
+        if (parallel or ONNX_PARALLEL) > 1:
+            return OnnxBatchEngine(p, n_ctx=n_ctx, threads=threads, device=device, parallel=parallel or ONNX_PARALLEL,
+                                   observer=observer, name=name)
+        return SerialEngine(OnnxGenaiEngine(p, n_ctx=n_ctx, threads=threads, device=device), observer,
+                            name=f"llmops-{name}")
     raise LLMOpsError(f"{path}: llmops serve runs GGUF files (llama.cpp) and ONNX folders (onnxruntime-genai), "
                       f"not {fmt}; convert it first (llmops convert ... --to gguf-q4 or onnx-int4)")
+
+
+def __getattr__(name: str) -> Any:
+    # the ONNX engine lives in its own module (importing it loads onnxruntime); reachable here too
+    if name == "OnnxGenaiEngine":
+        from llmops.app.serving.onnx_engine import OnnxGenaiEngine
+
+        return OnnxGenaiEngine
+    raise AttributeError(name)

@@ -1,10 +1,20 @@
-"""``/metrics``: prometheus-client's counters, histograms and gauges for the server, in its own registry."""
+"""``/metrics``: prometheus-client's counters, histograms and gauges for the server, in its own registry.
+
+Besides requests, latency and tokens: how full each decode step's batch is
+(``llmops_batch_occupancy``: sequences per step, so a batching server shows steps of several)
+and how long requests wait for a sequence slot (``llmops_queue_wait_seconds``, with
+``llmops_requests_queued`` now waiting).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from llmops.app.serving.engines import Job, Observer
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OCCUPANCY_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class Metrics:
@@ -28,6 +38,16 @@ class Metrics:
                             ["model", "version"], registry=r)
         self.swaps = Counter("llmops_swaps", "Switches to a new version of the followed alias", ["model", "result"],
                              registry=r)
+        self.occupancy = Histogram("llmops_batch_occupancy", "Sequences decoded together in one decode step",
+                                   ["model", "version"], buckets=OCCUPANCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("llmops_queue_wait_seconds", "Time a request waited for a sequence slot",
+                                    ["model", "version"], buckets=QUEUE_BUCKETS, registry=r)
+        self.queued = Gauge("llmops_requests_queued", "Requests waiting for a sequence slot now", registry=r)
+        self.parallel = Gauge("llmops_parallel_sequences", "Sequences the served version decodes at once",
+                              ["model", "version"], registry=r)
+
+    def observer(self, name: str, version: str) -> EngineObserver:
+        return EngineObserver(self, name, version)
 
     def serving(self, name: str, version: str, previous: str | None = None) -> None:
         if previous is not None:
@@ -53,3 +73,19 @@ class Metrics:
 
     def snapshot(self) -> dict[str, Any]:
         return {m.name: {"|".join(s.labels.values()): s.value for s in m.samples} for m in self.registry.collect()}
+
+
+class EngineObserver(Observer):
+    """An engine's decode steps and slot waits, as this server's metrics (called on its thread)."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
+        self._occupancy = metrics.occupancy.labels(name, version)
+        self._wait = metrics.queue_wait.labels(name, version)
+
+    def step(self, sequences: int) -> None:
+        self._occupancy.observe(sequences)
+
+    def started(self, job: Job) -> None:
+        out = job.out
+        if out.queued_at is not None and out.started_at is not None:
+            self._wait.observe(max(0.0, out.started_at - out.queued_at))

@@ -1,8 +1,17 @@
-"""``llmops serve``: resolve REF, load and verify its version, follow its alias, run uvicorn."""
+"""``llmops serve``: resolve REF, load and verify its version, follow its alias, run uvicorn.
+
+Stopping (SIGTERM, Ctrl-C) is bounded by ``--grace`` seconds from the signal: the server stops
+accepting at once, lets running requests finish until the grace is over and then cuts them
+(their streams end with ``finish_reason: cancelled``), writes what request traces it can in
+what is left of the grace, says in one line how many it could not write, and exits. A second
+signal ends it at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -11,6 +20,9 @@ from typing import Any
 from llmops.app.output import emit, log
 from llmops.app.server import is_loopback, port_free, url_host
 from llmops.core.errors import LLMOpsError, UsageError
+
+DEFAULT_GRACE_S = 10.0
+MIN_TRACE_S = 0.5  # the trace writer's share when requests took the whole grace
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
@@ -22,9 +34,9 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1", port: int = 8000,
           device: str = "cpu", threads: int | None = None, api_key: str | None = None,
-          allowed_hosts: tuple[str, ...] = (), n_ctx: int = 2048,
+          allowed_hosts: tuple[str, ...] = (), n_ctx: int = 2048, parallel: int | None = None,
           max_tokens: int = 1024, max_queue: int = 16, max_body_bytes: int = 1 << 20, poll_s: float = 2.0,
-          trace: bool = True, json_mode: bool = False) -> int:
+          trace: bool = True, grace_s: float = DEFAULT_GRACE_S, json_mode: bool = False) -> int:
     from llmops.app.serving.deploy import AliasWatcher, Loader, Router, parse_source
 
     source = parse_source(ref)
@@ -37,39 +49,42 @@ def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1"
     if store is not None:
         store.open()
 
-    from llmops.app.serving.api import Limits, ServerState, create_app
+    from llmops.app.serving.api import create_app
     from llmops.app.serving.metrics import Metrics
+    from llmops.app.serving.state import Limits, ServerState
     from llmops.app.serving.tracing import Tracer
 
     tracing = trace and store is not None
-    loader = Loader(store, device=device, threads=threads, n_ctx=n_ctx, link_traces=tracing)
     metrics = Metrics()
+    loader = Loader(store, device=device, threads=threads, n_ctx=n_ctx, link_traces=tracing, parallel=parallel,
+                    observer=metrics.observer, log=log)
     t0 = time.perf_counter()
-    if source.kind == "alias":
+    if source.kind in ("alias", "version"):
         from llmops.registry.versions import resolve_model_version
 
         version = str(resolve_model_version(store, source.ref).version)
-        first = loader.deploy(source.name, version, source.alias)
-    elif source.kind == "version":
-        from llmops.registry.versions import resolve_model_version
-
-        version = str(resolve_model_version(store, source.ref).version)
-        first = loader.deploy(source.name, version, None)
+        first = loader.deploy(source.name, version, source.alias if source.kind == "alias" else None)
     else:
         first = loader.deploy_path(source)
-    log(f"loaded {source.ref} (version {first.version}, {first.engine.backend}) in {time.perf_counter() - t0:.2f} s"
+    slots = first.engine.parallel
+    log(f"loaded {source.ref} (version {first.version}, {first.engine.backend}, {slots} sequence"
+        f"{'s' if slots > 1 else ''} at once) in {time.perf_counter() - t0:.2f} s"
         + (" after checking its sha256" if first.sha256 else ""))
+    loader.parallel = slots  # every later version batches as the first does (the queue limits assume it)
     router = Router(first)
     metrics.serving(first.name, first.version)
+    metrics.parallel.labels(first.name, first.version).set(slots)
     tracer = Tracer(store, tracing, log)
     state = ServerState(source=source, router=router, metrics=metrics, tracer=tracer,
-                        limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue),
+                        limits=Limits(max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_queue=max_queue,
+                                      slots=slots),
                         api_key=api_key or None, allowed_hosts=tuple(allowed_hosts))
     if source.kind == "alias":
         def on_swap(ev) -> None:  # noqa: ANN001 - deploy.SwapEvent
             metrics.swaps.labels(source.name, "ok" if ev.ok else "failed").inc()
             if ev.ok:
                 metrics.serving(source.name, ev.to_version, ev.from_version)
+                metrics.parallel.labels(source.name, ev.to_version).set(router.current.engine.parallel)
             tracer.swap(name=source.name, alias=ev.alias, from_version=ev.from_version, to_version=ev.to_version,
                         ok=ev.ok, seconds=ev.seconds, error=ev.error,
                         logged_model_id=router.current.logged_model_id if ev.ok else None)
@@ -80,28 +95,17 @@ def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1"
 
     app = create_app(state)
     url = f"http://{url_host(host)}:{port}"
-
-    cleaned = []
-
-    def cleanup() -> None:
-        """Stop following the alias, write the traces still queued (bounded), unload."""
-        if cleaned:
-            return
-        cleaned.append(True)
-        if state.watcher is not None:
-            state.watcher.stop()
-        if tracer.enabled and not tracer.flush(timeout=60.0):
-            log("warning: some traces were still being written when the server stopped")
-        router.close()
+    stop = _Stopping(state, grace_s)
 
     class _Server(uvicorn.Server):
-        async def shutdown(self, sockets: Any = None) -> None:
-            # uvicorn re-raises the signal that stopped it once serve() returns, which ends the
-            # process: the queued traces are written here, after the last request has finished.
-            await super().shutdown(sockets=sockets)
-            import asyncio
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if stop.signalled_at is not None:
+                stop.at_once(sig)
+            stop.signal(sig)
+            super().handle_exit(sig, frame)
 
-            await asyncio.to_thread(cleanup)
+        async def shutdown(self, sockets: Any = None) -> None:
+            await stop.run(self, sockets)
 
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
@@ -117,11 +121,9 @@ def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1"
                 + (f", following the alias every {poll_s:g} s" if state.watcher else "") + " (Ctrl-C to stop)")
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=30, timeout_keep_alive=30)
+                            timeout_graceful_shutdown=int(grace_s) + 1, timeout_keep_alive=30)
     server = _Server(config)
-    import signal
-
-    # uvicorn stops gracefully on SIGTERM/SIGINT, then re-raises the signal: end with status 0
+    # uvicorn stops on SIGTERM/SIGINT (our shutdown), then re-raises the signal: end with status 0
     # (a service manager's stop, or Ctrl-C, is not a failure).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -129,8 +131,88 @@ def serve(store_factory: Callable[[], Any], ref: str, *, host: str = "127.0.0.1"
     except KeyboardInterrupt:
         pass
     finally:
-        cleanup()
+        stop.cleanup()
     return 0 if server.started else 1
+
+
+class _Stopping:
+    """The bounded stop: see the module's description."""
+
+    def __init__(self, state: Any, grace_s: float) -> None:
+        self.state, self.grace_s = state, grace_s
+        self.signalled_at: float | None = None
+        self.cut = 0
+        self._cleaned = False
+
+    def signal(self, sig: int) -> None:
+        if self.signalled_at is None:
+            self.signalled_at = time.monotonic()
+            self.state.stopping = True
+            log(f"stopping: no new requests; running ones get {self.grace_s:g} s (--grace); a second "
+                f"{signal.Signals(sig).name} stops at once")
+
+    def at_once(self, sig: int) -> None:
+        tracer = self.state.tracer
+        log(f"stopped at once by a second {signal.Signals(sig).name}: {self.state.pending} request(s) cut, "
+            f"{tracer.backlog} trace(s) not written")
+        os._exit(128 + sig)
+
+    def deadline(self) -> float:
+        return (self.signalled_at or time.monotonic()) + self.grace_s
+
+    async def run(self, server: Any, sockets: Any) -> None:
+        """uvicorn's shutdown with the grace: stop listening, wait for running requests until the
+        deadline, cut what still runs, then write traces until the deadline."""
+        self.state.stopping = True
+        for s in server.servers:
+            s.close()
+        for sock in sockets or []:
+            sock.close()
+        for conn in list(server.server_state.connections):
+            conn.shutdown()
+        deadline = self.deadline()
+        ss = server.server_state
+
+        def busy() -> bool:
+            return bool(self.state.pending or ss.tasks)
+
+        while busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if busy():
+            self.cut = self.state.pending
+            self.state.router.cut()  # the engines end every sequence at their next step
+            until = time.monotonic() + 2.0
+            while busy() and time.monotonic() < until:
+                await asyncio.sleep(0.02)
+            for t in list(ss.tasks):
+                t.cancel(msg="llmops serve: the --grace is over")
+        for conn in list(ss.connections):
+            conn.shutdown()
+        await asyncio.to_thread(self.cleanup)
+
+    def cleanup(self) -> None:
+        """Stop following the alias, write the traces still queued until the deadline, unload."""
+        if self._cleaned:
+            return
+        self._cleaned = True
+        state = self.state
+        if state.watcher is not None:
+            state.watcher.stop()
+        tracer = state.tracer
+        if tracer.enabled:
+            left = max(MIN_TRACE_S, self.deadline() - time.monotonic())
+            tracer.flush(timeout=left)
+            parts = [f"{tracer.written} trace(s) written"]
+            if tracer.unwritten or tracer.dropped:
+                parts.append(f"{tracer.unwritten + tracer.dropped} dropped ({tracer.unwritten} not written within "
+                             f"the {self.grace_s:g} s grace, {tracer.dropped} refused by a full queue)")
+            if tracer.failed:
+                parts.append(f"{tracer.failed} failed")
+            log("stopped: " + (f"{self.cut} request(s) cut at the end of the grace; " if self.cut else "")
+                + "; ".join(parts))
+        elif self.cut:
+            log(f"stopped: {self.cut} request(s) cut at the end of the grace")
+        state.router.close()
 
 
 def parse_size(text: str) -> int:
@@ -145,4 +227,3 @@ def parse_size(text: str) -> int:
     if value < 1024:
         raise UsageError("--max-request-bytes: at least 1k")
     return value
-

@@ -8,9 +8,11 @@ or a field nobody knows. Strict mode: ``"max_tokens": "8"`` is an error, as it i
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_LOGPROBS = 5  # alternatives per position, as OpenAI's completions allow
 
 # OpenAI request fields this server does not implement: named as such instead of "unknown".
 UNSUPPORTED = frozenset({
@@ -70,6 +72,7 @@ class _Sampling(_Strict):
 
 
 class ChatRequest(_Sampling):
+    unsupported: ClassVar[frozenset[str]] = UNSUPPORTED
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
 
@@ -78,13 +81,26 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    """A prompt as text, texts, token ids or lists of token ids (lm-eval sends the last), with
+    ``echo`` and ``logprobs``; ``max_tokens`` may be 0 (score the prompt, generate nothing)."""
+
+    unsupported: ClassVar[frozenset[str]] = UNSUPPORTED - {"logprobs", "echo"}
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     def limit(self) -> int | None:
         return self.max_tokens
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request: a text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 class BadRequest(Exception):
@@ -105,7 +121,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[TextPart]", "TextPart"):
+        elif part in ("str", "list[str]", "list[TextPart]", "TextPart", "list[int]", "list[list[int]]"):
             continue  # the branch of a union pydantic tried, not a field
         else:
             out += ("." if out else "") + str(part)
@@ -117,7 +133,7 @@ def parse(kind: type[_Sampling], body: Any) -> _Sampling:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     for key in body:
-        if key in UNSUPPORTED:
+        if key in getattr(kind, "unsupported", UNSUPPORTED):
             raise BadRequest(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
     try:
         req = kind.model_validate(body)
@@ -130,9 +146,17 @@ def parse(kind: type[_Sampling], body: Any) -> _Sampling:
             raise BadRequest(f"unknown field '{where}'", param=where, code="unknown_parameter") from None
         if e.get("type") == "missing":
             raise BadRequest(f"'{where}' is required", param=where) from None
+        if where.startswith("prompt") and kind is CompletionRequest:
+            raise BadRequest("'prompt': give a string, a list of strings, a list of token ids or a list of lists "
+                             "of token ids", param="prompt") from None
         raise BadRequest(f"'{where}': {e.get('msg', 'invalid value')}", param=where) from None
-    if isinstance(req, CompletionRequest) and isinstance(req.prompt, list) and len(req.prompt) != 1:
-        raise BadRequest("'prompt': give one string (batches of prompts are not supported)", param="prompt")
+    if isinstance(req, CompletionRequest):
+        prompts = req.prompts()
+        if not prompts or any(len(p) == 0 for p in prompts if isinstance(p, list)):
+            raise BadRequest("'prompt' is empty", param="prompt")
+        if req.stream and (len(prompts) > 1 or req.logprobs is not None or req.echo):
+            raise BadRequest("'stream': a streamed completion takes one prompt, without 'logprobs' or 'echo'",
+                             param="stream")
     if req.stop is not None and isinstance(req.stop, list) and len(req.stop) > 4:
         raise BadRequest("'stop': at most 4 sequences", param="stop")
     return req
