@@ -11,7 +11,7 @@ SHARED_EVAL := $(abspath ../shared/data/wikitext-2-raw/wiki.test.raw)
 export LLMOPS_EVAL_TEXT ?= $(if $(wildcard $(SHARED_EVAL)),$(SHARED_EVAL),)
 export GPTQMODEL_CPU_WORKERS ?= 2
 
-.PHONY: install demo test test-fidelity test-slow bench bench-7b ui clean
+.PHONY: install demo test test-fidelity test-slow bench bench-7b ui clean chaos
 
 install: $(STAMP)
 
@@ -51,6 +51,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_lineage.py
 	$(BIN)/python bench/bench_register.py
 	$(BIN)/python bench/bench_fleet.py
+	$(BIN)/python bench/bench_tasks.py --limit 100
+	$(BIN)/python bench/bench_serve.py
 
 # A synthetic Llama-7B-shaped bf16 checkpoint (32 layers, 13.5 GB, written and removed by the
 # script; about 35 GB of free disk) to gguf-q4 against llama.cpp's two steps, then registering the
@@ -61,6 +63,16 @@ bench-7b: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/llmops ui
+
+# The fault campaign: over a thousand seeded faults (SIGKILL at random points of every command that
+# writes, dropped and unreachable PostgreSQL, a restarted tracking server, full disks, EIO), each
+# followed by doctor, gc, doctor and the command again; the reliability table lands in
+# test-output/chaos/campaign.md. CHAOS_SEED=N draws another campaign. Root for the tmpfs cases.
+CHAOS_SEED ?= 1517
+chaos: $(STAMP)
+	@bash scripts/install-postgres.sh
+	LLMOPS_CHAOS=1 LLMOPS_CHAOS_SEED=$(CHAOS_SEED) $(BIN)/pytest -q tests/test_faults.py -m "not slow" \
+		--timeout 7200 --durations=0
 
 clean:
 	rm -rf $(VENV) .llmops build dist *.egg-info

@@ -147,6 +147,10 @@ def evaluate(
     spec = RunnerSpec(backend, str(Path(artifact).resolve()), n_ctx, threads, device)
     cache_info: dict[str, Any] | None = None
     with scratch("llmops-eval-") as d:
+        if source is not None and (source_backend or backend_for(source)) == backend and same_bytes(artifact, source):
+            # the artifact is its own baseline (``bench SRC --baseline SRC``): one scoring serves as
+            # both, and none at all when the baseline's logits of these windows are cached
+            return _evaluate_source_itself(spec, text, chunks, d, in_process, source_cache, say, phase)
         say(f"tokenizing the eval text and scoring up to {chunks if chunks is not None else 'all'} chunk(s) "
             f"of {n_ctx} tokens with {backend}")
         win, out_logits, out_nll = _tokenize_and_score(spec, text, chunks, d, in_process,
@@ -192,6 +196,62 @@ def evaluate(
     if cache_info is not None:
         res["source_cache"] = cache_info
     return res
+
+
+def same_bytes(a: str | Path, b: str | Path) -> bool:
+    """Whether two artifacts are the same bytes (the same path, or equal sizes and sha256)."""
+    from llmops.core.hashing import sha256_path, size_of
+
+    pa, pb = Path(a).resolve(), Path(b).resolve()
+    if pa == pb:
+        return True
+    return size_of(pa) == size_of(pb) and sha256_path(pa) == sha256_path(pb)
+
+
+def _evaluate_source_itself(spec: RunnerSpec, text: str, chunks: int | None, d: Path, in_process: bool,
+                            source_cache: Path | None, say: Reporter, phase: str) -> dict[str, Any]:
+    """The evaluation of a source against itself: its windows (cut from its own tokens, in a
+    tokenizer-only child), its logits from the baseline cache or scored once, and the figures of
+    those logits against themselves (KL-divergence 0, top-1 1, the same perplexity twice)."""
+    limit = logits_cache_limit_bytes() if source_cache is not None else 0
+    cache_info = None if source_cache is None else {"dir": str(Path(source_cache).resolve()), "entry": None,
+                                                    "hit": False, "limit_mb": limit / MIB}
+    win = _windows_of(spec, text, chunks, d, in_process)
+    cached = _cache_file(source_cache, spec.path, win) if source_cache is not None and limit > 0 else None
+    logits = _cache_hit(cached) if cached is not None else None
+    if logits is not None:
+        say(f"{Path(spec.path).name} is the baseline: its logits from the cache ({cached})")
+        cache_info.update(entry=str(cached), hit=True)
+    else:
+        say(f"{Path(spec.path).name} is the baseline: scoring {win.n_chunk} chunk(s) of {spec.n_ctx} tokens once "
+            f"with {spec.backend}, for both")
+        logits, _ = _score(spec, win, d, "source", in_process, keep_logits=True, say=say,
+                           phase=f"{phase} ({spec.backend})")
+        if cached is not None and _store(cached, d / "source.npy", limit, say):
+            cache_info["entry"] = str(cached)
+    acc = StreamingAccuracy()
+    for i in range(win.n_chunk):
+        chunk = np.asarray(logits[i])
+        acc.add(chunk, chunk, win.targets[i])
+    del logits
+    res = acc.result()
+    res.update(chunks=win.n_chunk, n_ctx=spec.n_ctx)
+    if cache_info is not None:
+        res["source_cache"] = cache_info
+    return res
+
+
+def _windows_of(spec: RunnerSpec, text: str, chunks: int | None, d: Path, in_process: bool) -> Windows:
+    """The windows an evaluation of ``spec`` scores, from its tokenizer alone."""
+    if in_process:
+        runner = make_runner(spec, vocab_only=True)
+        tokens = leading_tokens(runner.tokenize, text, windows_tokens(chunks, spec.n_ctx))
+        return make_windows(tokens, spec.n_ctx, chunks, runner.add_bos, runner.bos_id)
+    text_file, inputs, targets = d / "text.txt", d / "windows-inputs.npy", d / "windows-targets.npy"
+    text_file.write_text(text, encoding="utf-8")
+    msg = run_in_child({"kind": "windows", "spec": spec.__dict__, "text_file": str(text_file), "chunks": chunks,
+                        "inputs": str(inputs), "targets": str(targets)}, f"{spec.backend} tokenizer", d)
+    return Windows(np.load(inputs), np.load(targets), int(msg["first"]), spec.n_ctx, int(msg["n_tokens"]))
 
 
 def _cache_file(cache_dir: Path, source: str | Path, win: Windows) -> Path:

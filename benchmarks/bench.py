@@ -23,10 +23,19 @@ from llmops.benchmarks.jobs import run_in_child
 from llmops.core.settings import scratch
 
 MIB = 1024 * 1024
-METRICS = ("memory", "latency", "accuracy")
+METRICS = ("memory", "latency", "accuracy", "tasks")
 UNITS = {"file_mb": "MiB", "bits_per_weight": "bit", "load_s": "s", "peak_rss_mb": "MiB", "peak_vram_mb": "MiB",
          "ttft_ms": "ms", "prefill_tps": "tok/s", "decode_tps": "tok/s", "ppl": None, "kld": "nat", "top1": None,
          "ppl_baseline": None, "kld_p99": "nat"}
+# task figures (``TASK.METRIC``) by their last part
+TASK_UNITS = {"delta": "pt", "delta_se": "pt", "n": "questions"}
+
+
+def unit_of(metric: str) -> str | None:
+    if "." in metric:
+        last = metric.rsplit(".", 1)[1]
+        return next((u for suffix, u in TASK_UNITS.items() if last == suffix or last.endswith("_" + suffix)), None)
+    return UNITS.get(metric)
 
 
 @dataclass
@@ -42,6 +51,8 @@ class BenchOptions:
     prompt_tokens: int = 512
     decode_tokens: int = 128
     cache_dir: Path | None = None  # the baseline-logits cache (capped by LLMOPS_LOGITS_CACHE_MB); None: no caching
+    tasks: Any = None  # tasks.TaskOptions for the "tasks" metric
+    task_suite: Any = None  # the tasks.TaskSuite built for them, shared by every artifact of a run
 
 
 def _median(values: list[float]) -> float:
@@ -101,6 +112,16 @@ def bench_artifact(path: str | Path, opts: BenchOptions, progress: Callable[[str
         details.update(chunks=res["chunks"], ctx=res["n_ctx"], scored_tokens=res["tokens"])
         if res.get("source_cache") is not None:
             details["baseline_logits_cache"] = res["source_cache"]
+    if "tasks" in opts.metrics:
+        from llmops.benchmarks.task_scores import score_tasks
+        from llmops.benchmarks.tasks import TaskOptions, TaskSuite
+
+        if opts.task_suite is None:
+            opts.task_suite = TaskSuite(opts.tasks or TaskOptions(), say)
+        task_spec = RunnerSpec(backend, str(path), opts.task_suite.opts.ctx, opts.threads, opts.device)
+        res = score_tasks(path, task_spec, opts.task_suite, baseline=opts.baseline, progress=say)
+        metrics.update(res["metrics"])
+        details.update(res["details"])
     return {"metrics": metrics, "details": details}
 
 
@@ -174,7 +195,7 @@ def tradeoff_figure(rows: list[dict[str, Any]]):  # noqa: ANN201 - matplotlib Fi
     ax.margins(x=0.3 if len(rows) > 1 else 0.5, y=0.35 if len(rows) > 1 else 0.5)
     labels = [_point_label(r, speeds[i]) for i, r in enumerate(rows)]
     fig.canvas.draw()
-    _place_labels(fig, ax, pts, areas, labels, extra=[ax.title, legend])
+    _place_labels(fig, ax, pts, areas, labels, extra=[ax.title, legend], lines=fr if len(fr) > 1 else [])
     return fig
 
 
@@ -184,10 +205,11 @@ def _point_label(row: dict[str, Any], speed: float) -> str:
 
 
 def _place_labels(fig, ax, pts: list[tuple[float, float]], areas: list[float], labels: list[str],  # noqa: ANN001
-                  extra: list) -> None:  # noqa: ANN001 - artists the labels must keep clear of
+                  extra: list, lines: list[tuple[float, float]] | None = None) -> None:  # noqa: ANN001
     """Each label at the first of a ring of offsets (then wider rings) where its box is inside
-    the axes and clear of every marker, every label placed before it and ``extra``; a thin
-    leader line when it had to move away. Labels with nowhere to go are numbered."""
+    the axes and clear of every marker, every label placed before it, ``extra`` (artists) and
+    the polyline through ``lines`` (data points: the Pareto front); a thin leader line when it
+    had to move away, which later labels keep clear of too. Labels with nowhere to go are numbered."""
     from matplotlib.text import Text
     from matplotlib.transforms import Bbox
 
@@ -195,6 +217,8 @@ def _place_labels(fig, ax, pts: list[tuple[float, float]], areas: list[float], l
     px = fig.dpi / 72.0
     inside = ax.get_window_extent(renderer).padded(-3)
     centres = [ax.transData.transform(p) for p in pts]
+    path = [tuple(ax.transData.transform(p)) for p in lines or []]
+    segments: list[tuple[tuple[float, float], tuple[float, float]]] = list(zip(path, path[1:]))
     radii = [(a ** 0.5) / 2 for a in areas]  # marker size is area in points^2: its diameter squared
     blocked = [Bbox.from_bounds(cx - r * px - 2, cy - r * px - 2, 2 * (r * px + 2), 2 * (r * px + 2))
                for (cx, cy), r in zip(centres, radii)]
@@ -207,11 +231,11 @@ def _place_labels(fig, ax, pts: list[tuple[float, float]], areas: list[float], l
         r = radii[i] + 3
         ann = ax.annotate(labels[i], pts[i], textcoords="offset points", xytext=(0, 0), fontsize=LABEL_FONT,
                           zorder=4)
-        spot = _free_spot(ann, renderer, r, inside, blocked, Text)
+        spot = _free_spot(ann, renderer, r, inside, blocked, Text, segments)
         if spot is None:  # nowhere to go: a number here, the label under the plot
             notes.append(f"[{len(notes) + 1}] {labels[i].replace(chr(10), ', ')}")
             ann.set_text(f"[{len(notes)}]")
-            spot = _free_spot(ann, renderer, r, inside, blocked, Text)
+            spot = _free_spot(ann, renderer, r, inside, blocked, Text, segments)
             if spot is None:
                 ann.remove()
                 continue
@@ -222,6 +246,8 @@ def _place_labels(fig, ax, pts: list[tuple[float, float]], areas: list[float], l
             ax.annotate(text, pts[i], textcoords="offset points", xytext=at, ha=ha, va=va, fontsize=LABEL_FONT,
                         zorder=4, arrowprops={"arrowstyle": "-", "color": "#777777", "lw": 0.6, "shrinkA": 1,
                                               "shrinkB": radii[i] + 1})
+            near = (min(max(centres[i][0], box.x0), box.x1), min(max(centres[i][1], box.y0), box.y1))
+            segments.append((tuple(centres[i]), near))
         blocked.append(box.padded(2))
     if notes:
         fig.text(0.01, 0.005, "   ".join(notes), fontsize=LABEL_FONT - 1, va="bottom", wrap=True)
@@ -233,7 +259,8 @@ _RING = ((1, 0.7, "left", "bottom"), (1, -0.7, "left", "top"), (-1, 0.7, "right"
          (0, 1, "center", "bottom"), (0, -1, "center", "top"))
 
 
-def _free_spot(ann, renderer, r: float, inside, blocked: list, text_cls):  # noqa: ANN001, ANN202
+def _free_spot(ann, renderer, r: float, inside, blocked: list, text_cls,  # noqa: ANN001, ANN202
+               segments: list | None = None):
     """(box, far) of the first free place for ``ann`` around its point, or None; ``far`` when it
     is off the first ring (a leader line then shows whose label it is)."""
     for ring, scale in enumerate((1.0, 1.8, 2.8, 4.0, 5.5)):
@@ -244,6 +271,27 @@ def _free_spot(ann, renderer, r: float, inside, blocked: list, text_cls):  # noq
             ann.update_positions(renderer)  # the text's own transform follows its offset
             box = text_cls.get_window_extent(ann, renderer)
             if inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) and \
-                    not any(box.overlaps(b) for b in blocked):
+                    not any(box.overlaps(b) for b in blocked) and \
+                    not any(_crosses(box.padded(2), a, b) for a, b in segments or []):
                 return box, ring > 0
     return None
+
+
+def _crosses(box, a: tuple[float, float], b: tuple[float, float]) -> bool:  # noqa: ANN001 - a Bbox
+    """Whether the segment a-b passes through the box (Liang-Barsky clipping, display units)."""
+    (x0, y0), (x1, y1) = a, b
+    dx, dy = x1 - x0, y1 - y0
+    lo, hi = 0.0, 1.0
+    for p, q in ((-dx, x0 - box.x0), (dx, box.x1 - x0), (-dy, y0 - box.y0), (dy, box.y1 - y0)):
+        if p == 0:
+            if q < 0:
+                return False
+            continue
+        t = q / p
+        if p < 0:
+            lo = max(lo, t)
+        else:
+            hi = min(hi, t)
+        if lo > hi:
+            return False
+    return True

@@ -1,4 +1,5 @@
-"""What a runner child does: tokenize, score perplexity windows, or time generation.
+"""What a runner child does: tokenize, score perplexity windows, answer a task evaluation's
+loglikelihood requests, or time generation.
 
 The parent side is :func:`run_in_child`; the protocol itself (job and reply files, progress,
 crash reporting) is the core's (``llmops.core.child``). The windows scored and the timed runs are
@@ -54,6 +55,20 @@ def runner_job(job: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any
         from llmops.benchmarks.latency import measure
 
         return measure(spec, job, progress=say)
+    if job["kind"] == "loglikelihood":  # a task evaluation's requests (lm_eval_model.RunnerLM)
+        from llmops.benchmarks.lm_eval_model import loglikelihood_job
+
+        return loglikelihood_job(job, say)
+    if job["kind"] == "windows":  # the perplexity windows alone, from the tokenizer alone
+        from llmops.benchmarks.windows import leading_tokens, make_windows, windows_tokens
+
+        r = make_runner(spec, vocab_only=True)
+        tokens = leading_tokens(r.tokenize, Path(job["text_file"]).read_text(encoding="utf-8"),
+                                windows_tokens(job.get("chunks"), spec.n_ctx))
+        win = make_windows(tokens, spec.n_ctx, job.get("chunks"), r.add_bos, r.bos_id)
+        np.save(job["inputs"], win.inputs)
+        np.save(job["targets"], win.targets)
+        return {"first": win.first, "n_tokens": win.n_tokens}
     if job["kind"] == "tokenize":
         r = make_runner(spec, vocab_only=True)
         text = Path(job["text_file"]).read_text(encoding="utf-8")

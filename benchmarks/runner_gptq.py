@@ -22,7 +22,7 @@ from typing import Any
 
 from llmops.benchmarks.runners import HFTokenizerMixin
 
-from llmops.benchmarks.runner_torch import TorchLogitsMixin
+from llmops.benchmarks.runner_torch import TorchLogitsMixin, config_context
 from llmops.core.errors import LLMOpsError
 
 
@@ -98,6 +98,7 @@ class GPTQRunner(TorchLogitsMixin, HFTokenizerMixin):
             return
         self.model = load_dequantized_model(self.path) if self.device == "cpu" else _load_cuda(self.path)
         self.vocab_size = int(self.model.config.vocab_size)
+        self.context_length = config_context(self.model.config)
 
 
 def _load_cuda(path: Path) -> Any:

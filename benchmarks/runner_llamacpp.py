@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from llmops.benchmarks.runners import continuation_score, log_softmax_rows
 from llmops.core.errors import LLMOpsError
 
 
@@ -40,10 +41,15 @@ class LlamaCppRunner:
         vocab = self.llm._model.vocab
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
         self.bos_id = int(llama_cpp.llama_vocab_bos(vocab))
+        self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
+        self.context_length = int(self.llm._model.n_ctx_train()) or None
 
-    def tokenize(self, text: str) -> np.ndarray:
-        # add_special=True: BOS only if the vocabulary asks for it; specials in the text are plain text
-        return np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False), dtype=np.int32)
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        # add_special: BOS only if the vocabulary asks for it; specials in the text are plain text
+        return np.asarray(self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=False), dtype=np.int32)
+
+    def token_text(self, token: int) -> str:
+        return self.llm.detokenize([int(token)], special=True).decode("utf-8", "replace")
 
     def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None, *, view: bool = False) -> np.ndarray:
         """Decode through llama.cpp's batch API directly: ``Llama.eval`` asks for logits at
@@ -51,17 +57,23 @@ class LlamaCppRunner:
         only the scored positions, so llama.cpp skips the output projection for the rest.
         ``view`` and one batch (a perplexity window): llama.cpp's own output buffer, valid until
         the next decode, instead of a fresh 50 MB array written once more (a 49k vocabulary)."""
+        self.llm._ctx.kv_cache_clear()
+        return self._decode(tokens, 0, first, last, view=view)
+
+    def _decode(self, tokens: np.ndarray, n_past: int, first: int = 0, last: int | None = None, *,
+                view: bool = False) -> np.ndarray:
+        """Decode ``tokens`` at positions ``n_past...`` on top of what the KV cache holds; the
+        logits of ``tokens[first:last]`` (see :meth:`logits`)."""
         tokens = np.asarray(tokens, dtype=np.int32)
         n = len(tokens)
         last = n if last is None else last
         ctx, batch, n_batch = self.llm._ctx, self.llm._batch, self.llm.n_batch
-        ctx.kv_cache_clear()
         single = view and n <= n_batch  # one decode makes every row asked for: hand out its buffer
         out = None if single else np.empty((last - first, self.vocab_size), dtype=np.float32)
         row = 0
         for start in range(0, n, n_batch):
             part = tokens[start:start + n_batch]
-            batch.set_batch(batch=part.tolist(), n_past=start, logits_all=False)
+            batch.set_batch(batch=part.tolist(), n_past=n_past + start, logits_all=False)
             flags = batch.batch.logits
             wanted = 0
             for i in range(len(part)):
@@ -78,6 +90,27 @@ class LlamaCppRunner:
                 out[row:row + wanted] = got
                 row += wanted
         return out if out is not None else np.empty((0, self.vocab_size), dtype=np.float32)
+
+    def score_choices(self, context: np.ndarray, continuations: list[np.ndarray]) -> list[tuple[float, bool]]:
+        """The context decoded once, logits of its last position only; then each continuation
+        but its last token decoded on top of it, after the previous one's positions are removed
+        from the KV cache (as llama-perplexity's multiple-choice scoring reuses its prompt)."""
+        context = np.asarray(context, dtype=np.int32)
+        n = len(context)
+        ctx = self.llm._ctx
+        ctx.kv_cache_clear()
+        first = log_softmax_rows(self._decode(context, 0, n - 1, n))
+        scores = []
+        for cont in continuations:
+            cont = np.asarray(cont, dtype=np.int32)
+            rows = first
+            if len(cont) > 1:
+                if not ctx.kv_cache_seq_rm(0, n, -1):  # a cache that cannot drop a tail: start over
+                    ctx.kv_cache_clear()
+                    self._decode(context, 0, n - 1, n)
+                rows = np.concatenate([first, log_softmax_rows(self._decode(cont[:-1], n))])
+            scores.append(continuation_score(rows, cont))
+        return scores
 
 
 def extra_bufts_ok() -> bool:

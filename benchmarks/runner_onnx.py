@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.runners import HFTokenizerMixin
+from llmops.benchmarks.runners import HFTokenizerMixin, score_choices_by_logits
 from llmops.core.errors import LLMOpsError
 from llmops.core.genai_config import check_file, check_folder, decoder_graph
 
@@ -79,6 +79,7 @@ class OnnxRunner(HFTokenizerMixin):
         context = model.get("context_length")
         if context and n_ctx > int(context):
             raise LLMOpsError(f"{folder}: a context of {n_ctx} tokens exceeds the model's {context}")
+        self.context_length = int(context) if context else None
         if vocab_only:
             self.vocab_size = int(vocab) if vocab else len(self.tokenizer)
             return
@@ -151,3 +152,7 @@ class OnnxRunner(HFTokenizerMixin):
         # the builder's graph projects every position; there is no input to skip some
         out = self.session.run(self.output_names, self.feeds(np.asarray(tokens)))[0]
         return np.asarray(out[0, first:last], dtype=np.float32)
+
+    def score_choices(self, context: np.ndarray, continuations: list[np.ndarray]) -> list[tuple[float, bool]]:
+        # each choice whole from an empty cache, as the generator starts every prompt
+        return score_choices_by_logits(self, context, continuations)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmops.benchmarks.runners import HFTokenizerMixin
+from llmops.benchmarks.runners import HFTokenizerMixin, score_choices_by_logits
 
 
 class TorchLogitsMixin:
     """Full-sequence logits from a transformers causal LM in ``self.model`` (torch and GPTQ runners)."""
 
     device: str = "cpu"
+    context_length: int | None = None
 
     def _init_torch(self, threads: int | None) -> None:
         import torch
@@ -32,6 +34,87 @@ class TorchLogitsMixin:
             out = self.model(input_ids=ids, use_cache=False, logits_to_keep=n - first).logits[0]
         return out[: last - first].float().cpu().numpy()
 
+    def score_choices(self, context: np.ndarray, continuations: list[np.ndarray]) -> list[tuple[float, bool]]:
+        return self.score_choice_groups([(context, continuations)])[0]
+
+    def score_choice_groups(self, groups: list[tuple[np.ndarray, list[np.ndarray]]]) -> list[list[tuple[float, bool]]]:
+        """:meth:`score_choices` of several questions in two forward passes. First the contexts,
+        right padded into one batch (causal attention keeps the padding out of every real row),
+        their KV cache kept and the output projection run only at the contexts' last positions.
+        Then every continuation but its last token, right padded into one batch over its own
+        question's rows of that cache, with each context's padding masked out and positions
+        numbered on from its real length. Log-probabilities in float32, as lm-eval's hf model
+        computes them on a float32 model."""
+        if len(groups) > 1 and self._sliding_window():
+            # a sliding-window cache keeps the last positions of the padded batch, not of each
+            # context: such a model scores its questions one by one (no padding)
+            return [self.score_choice_groups([g])[0] for g in groups]
+        torch = self.torch
+        dev = self.device
+        lens = [len(c) for c, _ in groups]
+        width = max(lens)
+        ids = torch.zeros((len(groups), width), dtype=torch.int64)
+        mask = torch.zeros((len(groups), width), dtype=torch.int64)
+        for g, (ctx, _) in enumerate(groups):
+            ids[g, : lens[g]] = torch.from_numpy(np.asarray(ctx, dtype=np.int64))
+            mask[g, : lens[g]] = 1
+        ends = sorted({n - 1 for n in lens})
+        rows = [(g, j) for g, (_, conts) in enumerate(groups) for j, c in enumerate(conts) if len(c) > 1]
+        with torch.inference_mode():
+            out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=bool(rows),
+                             logits_to_keep=torch.tensor(ends, dtype=torch.int64, device=dev))
+            at = {p: i for i, p in enumerate(ends)}
+            first = torch.nn.functional.log_softmax(out.logits.float(), dim=-1)  # [groups, len(ends), vocab]
+            rest = None
+            if rows:
+                # transformers 5.x renames past_key_values to cache (the old name warns until 5.40)
+                new_name = "cache" in inspect.signature(self.model.forward).parameters
+                cache = getattr(out, "cache" if new_name else "past_key_values", None)
+                if not hasattr(cache, "batch_select_indices"):  # a cache that cannot be shared
+                    return [score_choices_by_logits(self, c, conts) for c, conts in groups]
+                tail = max(len(groups[g][1][j]) - 1 for g, j in rows)
+                cont_ids = torch.zeros((len(rows), tail), dtype=torch.int64)
+                for r, (g, j) in enumerate(rows):
+                    cont_ids[r, : len(groups[g][1][j]) - 1] = torch.from_numpy(
+                        np.asarray(groups[g][1][j][:-1], dtype=np.int64))
+                owner = torch.tensor([g for g, _ in rows], dtype=torch.int64)
+                positions = torch.tensor([lens[g] for g, _ in rows], dtype=torch.int64)[:, None] + torch.arange(tail)
+                cache.batch_select_indices(owner.to(dev))
+                logits = self.model(input_ids=cont_ids.to(dev), position_ids=positions.to(dev), use_cache=True,
+                                    attention_mask=torch.cat([mask[owner], torch.ones((len(rows), tail),
+                                                                                       dtype=torch.int64)], 1).to(dev),
+                                    **{"cache" if new_name else "past_key_values": cache}).logits.float()
+                rest = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+            row_of = {gj: r for r, gj in enumerate(rows)}
+            scores: list[list[tuple[float, bool]]] = []
+            for g, (_, conts) in enumerate(groups):
+                head = first[g, at[lens[g] - 1]][None]
+                mine = []
+                for j, cont in enumerate(conts):
+                    cont_t = torch.from_numpy(np.asarray(cont, dtype=np.int64)).to(head.device)
+                    lp = head if len(cont) == 1 else torch.cat([head, rest[row_of[g, j], : len(cont) - 1]], 0)
+                    picked = lp.gather(1, cont_t[:, None])[:, 0]
+                    mine.append((float(picked.sum()), bool((lp.argmax(dim=-1) == cont_t).all())))
+                scores.append(mine)
+        return scores
+
+
+    def _sliding_window(self) -> bool:
+        cfg = self.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        return bool(getattr(cfg, "sliding_window", None)) or "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+
+
+def config_context(config: Any) -> int | None:
+    """The context a transformers config says the model has: the fields lm-eval's hf model reads,
+    in its order (the nested text config of a composite model first)."""
+    cfg = getattr(config, "text_config", None) or config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, key, None)
+        if value is not None:
+            return int(value)
+    return None
+
 
 class TorchRunner(TorchLogitsMixin, HFTokenizerMixin):
     """A Hugging Face checkpoint (folder, or bare weights file with config.json beside it) on CPU in float32."""
@@ -45,6 +128,7 @@ class TorchRunner(TorchLogitsMixin, HFTokenizerMixin):
             return
         self.model = load_torch_model(path)
         self.vocab_size = int(self.model.config.vocab_size)
+        self.context_length = config_context(self.model.config)
 
 
 def load_torch_model(path: str) -> Any:

@@ -33,9 +33,16 @@ class LogitsRunner(Protocol):
     vocab_size: int
     add_bos: bool
     bos_id: int
+    eos_id: int  # -1: none
+    context_length: int | None  # the context the model was trained for, where the artifact says
 
-    def tokenize(self, text: str) -> np.ndarray:
-        """The ids the artifact's own tokenizer gives ``text`` (BOS first only if it adds one)."""
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        """The ids the artifact's own tokenizer gives ``text`` (BOS first only if it adds one and
+        ``add_special``)."""
+        ...
+
+    def token_text(self, token: int) -> str:
+        """One token's text (special tokens as their text)."""
         ...
 
     def logits(self, tokens: np.ndarray, first: int = 0, last: int | None = None, *, view: bool = False) -> np.ndarray:
@@ -44,6 +51,14 @@ class LogitsRunner(Protocol):
         second half of each window, so a runner that can skip the output projection for the
         other positions should. ``view``: the caller is done with the array before its next call,
         so a runner may hand out its own buffer instead of a copy."""
+        ...
+
+    def score_choices(self, context: np.ndarray, continuations: list[np.ndarray]) -> list[tuple[float, bool]]:
+        """(log-probability, greedy) of each continuation after one shared context: the sum of
+        the log-softmax of each continuation token, and whether every one of them is the argmax
+        (what lm-eval's loglikelihood requests ask). The choices of a multiple-choice question
+        share their context, so a runner evaluates it once where its runtime keeps a KV cache;
+        :func:`score_choices_by_logits` is the plain way over :meth:`logits`."""
         ...
 
 
@@ -66,6 +81,35 @@ def backend_for(path: str | Path) -> str:
     return {"gguf": "llama.cpp", "onnx": "onnx", "gptq": "gptq"}.get(fmt, "torch")
 
 
+def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax, accumulated in float64 (a 49k vocabulary's sum loses digits in float32)."""
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+
+
+def continuation_score(logprobs: np.ndarray, continuation: np.ndarray) -> tuple[float, bool]:
+    """(sum of the continuation's log-probabilities, every token the argmax) from the
+    ``[len(continuation), vocab]`` log-probabilities that predict it."""
+    cont = np.asarray(continuation, dtype=np.int64)
+    picked = logprobs[np.arange(len(cont)), cont]
+    return float(picked.sum()), bool((logprobs.argmax(axis=-1) == cont).all())
+
+
+def score_choices_by_logits(runner: LogitsRunner, context: np.ndarray,
+                            continuations: list[np.ndarray]) -> list[tuple[float, bool]]:
+    """:meth:`LogitsRunner.score_choices` through ``logits``: context and continuation (but its
+    last token) evaluated whole for every choice, the rows from the context's last position on."""
+    context = np.asarray(context, dtype=np.int32)
+    n = len(context)
+    out = []
+    for cont in continuations:
+        cont = np.asarray(cont, dtype=np.int32)
+        rows = runner.logits(np.concatenate([context, cont[:-1]]), n - 1)
+        out.append(continuation_score(log_softmax_rows(rows), cont))
+    return out
+
+
 class HFTokenizerMixin:
     """Tokenization with the checkpoint's own Hugging Face tokenizer (torch, ONNX and GPTQ folders)."""
 
@@ -76,13 +120,17 @@ class HFTokenizerMixin:
         root = p if p.is_dir() else p.parent
         self.tokenizer = _meta_tiktoken(root) or AutoTokenizer.from_pretrained(root)
         probe = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-        bos = self.tokenizer.bos_token_id
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
         self.add_bos = bool(bos is not None and probe and probe[0] == bos)
         self.bos_id = int(bos) if bos is not None else -1
+        self.eos_id = int(eos) if eos is not None else -1
 
-    def tokenize(self, text: str) -> np.ndarray:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def tokenize(self, text: str, add_special: bool = True) -> np.ndarray:
+        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
         return np.asarray(ids, dtype=np.int32)
+
+    def token_text(self, token: int) -> str:
+        return str(self.tokenizer.decode([int(token)]))
 
 
 def _meta_tiktoken(root: Path) -> Any:

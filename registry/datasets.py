@@ -19,6 +19,7 @@ from llmops.core.errors import LLMOpsError, UsageError
 from llmops.core.hashing import sha256_path, size_of
 from llmops.registry import artifacts
 from llmops.registry.locks import named_lock
+from llmops.registry.mlflow_rows import owner_tags
 from llmops.registry.refs import Ref, parse_ref, validate_name
 from llmops.registry.store import Store, actor
 from llmops.registry.db import best_effort
@@ -98,7 +99,8 @@ def add(store: Store, name: str, path: str | Path, message: str | None = None) -
             number = max((int(v.version) for v in versions if v.version.isdigit()), default=0) + 1
         client = store.mlflow
         run = client.create_run(store.experiment_id, run_name=f"dataset-{name}",
-                                tags={"llmops.command": "datasets add", "llmops.dataset": name, "mlflow.user": actor()})
+                                tags={"llmops.command": "datasets add", "llmops.dataset": name, "mlflow.user": actor(),
+                                      **owner_tags()})
         logged_uri = None
         try:
             if stored_uri is None:

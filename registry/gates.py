@@ -18,7 +18,9 @@ from typing import Any
 from llmops.core.errors import UsageError
 
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq, "!=": operator.ne}
-_GATE = re.compile(r"^\s*(?P<metric>[a-z][a-z0-9_]{0,63})\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
+# METRIC is a name (ppl, kld_ratio) or a task's figure TASK.NAME (hellaswag.acc_norm_delta)
+_GATE = re.compile(r"^\s*(?P<metric>(?:[a-z_][a-z0-9_]{0,63}\.)?[a-z][a-z0-9_]{0,63})\s*(?P<op><=|>=|==|!=|<|>)\s*"
+                   r"(?P<value>[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?)\s*$")
 
 # Where each metric comes from, for the hint on a missing one.
 HINTS = {
@@ -46,11 +48,29 @@ class Gate:
         return f"{self.metric} {self.op} {self.threshold:g}"
 
 
+# A task's figures (llmops bench --metrics tasks), by the part after the task's name.
+TASK_HINTS = {
+    "delta": "llmops bench REF --metrics tasks --tasks {task} --baseline SOURCE",
+    "delta_se": "llmops bench REF --metrics tasks --tasks {task} --baseline SOURCE",
+    "flip_rate": "llmops bench REF --metrics tasks --tasks {task} --baseline SOURCE",
+}
+TASK_HINT = "llmops bench REF --metrics tasks --tasks {task}"
+
+
+def hint_for(metric: str) -> str:
+    """The command that measures ``metric`` (the base name of a ``*_ratio``)."""
+    if "." in metric:
+        task, name = metric.split(".", 1)
+        hint = next((h for suffix, h in TASK_HINTS.items() if name == suffix or name.endswith("_" + suffix)), TASK_HINT)
+        return hint.format(task=task)
+    return HINTS.get(metric, "llmops bench REF")
+
+
 def parse_gate(text: str) -> Gate:
     m = _GATE.match(text or "")
     if not m:
         raise UsageError(f"invalid gate {text!r}: expected 'METRIC OP NUMBER' with OP one of {' '.join(OPS)}, "
-                         "e.g. 'ppl_ratio <= 1.05'")
+                         "e.g. 'ppl_ratio <= 1.05' or 'hellaswag.acc_norm_delta >= -1.0'")
     value = float(m.group("value"))
     if not math.isfinite(value):
         raise UsageError(f"invalid gate {text!r}: threshold must be a finite number")
@@ -95,7 +115,7 @@ def evaluate(gates: list[Gate], metrics: dict[str, float], provenance: dict[str,
         if value is None:
             note = notes.get(g.metric)
             if note is None:
-                hint = HINTS.get(base, "llmops bench REF")
+                hint = hint_for(base)
                 note = (f"no {g.metric} recorded: run `{hint}`"
                         + (" for this version and the alias holder" if g.metric.endswith("_ratio") else ""))
             results.append(GateResult(str(g), g.metric, g.op, g.threshold, None, False, note, *where))

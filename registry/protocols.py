@@ -3,7 +3,8 @@
 Two results are comparable only when they were measured the same way: the same
 kind of job (``verify`` for ``convert --verify``, ``bench`` for ``llmops bench``),
 metric family, eval text, context, chunks, scored positions, baseline, backend,
-threads, device and tool versions. A protocol is a small JSON object; its key is
+threads, device and tool versions; for a task's accuracy (``TASK.METRIC``), the task,
+its config and data, split, limit, shots and harness version. A protocol is a small JSON object; its key is
 the sha256 of its canonical JSON, stored (and indexed) beside every result.
 
 The registry knows no file format: callers build the protocol from what they ran
@@ -29,6 +30,10 @@ FAMILIES = {
 }
 # Metrics measured against a baseline model: their protocol names the baseline's bytes.
 BASELINE_METRICS = frozenset({"kld", "top1", "kld_p99", "ppl_baseline"})
+# Task accuracy (``llmops bench --metrics tasks``) is named TASK.METRIC, e.g. hellaswag.acc_norm;
+# these last parts are paired figures against the baseline.
+TASK_BASELINE_SUFFIXES = ("_delta", "_delta_se")
+TASK_BASELINE_METRICS = frozenset({"flip_rate"})
 # What a comparison across formats may differ in: each format has its own runtime.
 RUNTIME_FIELDS = ("backend", "tools")
 
@@ -48,7 +53,22 @@ def short(key: str | None) -> str | None:
 
 
 def family_of(metric: str) -> str | None:
+    if is_task_metric(metric):
+        return "accuracy"
     return FAMILIES.get(metric)
+
+
+def is_task_metric(metric: str) -> bool:
+    """A task's figure: ``TASK.METRIC``."""
+    return "." in metric
+
+
+def against_baseline(metric: str) -> bool:
+    """Whether a metric is measured against a baseline model (its protocol then names the baseline)."""
+    if is_task_metric(metric):
+        last = metric.rsplit(".", 1)[1]
+        return last in TASK_BASELINE_METRICS or last.endswith(TASK_BASELINE_SUFFIXES)
+    return metric in BASELINE_METRICS
 
 
 def condition_key(protocol: dict[str, Any] | None) -> str:
@@ -67,7 +87,13 @@ def summary(protocol: dict[str, Any] | None, metric: str | None = None, *, runti
         return f"{head}, recorded without a protocol"
     parts = [head]
     family = p.get("family")
-    if family == "accuracy":
+    if family == "accuracy" and p.get("measure") == "task":
+        limit = p.get("limit")
+        parts.append(f"{p.get('task', '?')} {p.get('split', '?')}" + (f" first {limit}" if limit else " all")
+                     + f", {p.get('shots', 0)}-shot, {p.get('harness', 'lm-eval')}, data {str(p.get('data_sha256'))[:SHORT]}")
+        if p.get("baseline_sha256"):
+            parts.append(f"against {str(p['baseline_sha256'])[:SHORT]}")
+    elif family == "accuracy":
         parts.append(f"{p.get('chunks', '?')} chunks x {p.get('ctx', '?')}")
         if p.get("baseline_sha256"):
             parts.append(f"against {str(p['baseline_sha256'])[:SHORT]}")

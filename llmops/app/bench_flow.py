@@ -39,6 +39,15 @@ def _wanted(metrics: str, *, runs: int, decode_tokens: int, prompt_tokens: int, 
     return wanted
 
 
+def task_options(tasks: str | None, task_paths: tuple[str, ...], limit: int | None,
+                 num_fewshot: int | None) -> Any:  # noqa: ANN401 - llmops.benchmarks.tasks.TaskOptions
+    """``--tasks``, ``--task-path``, ``--limit`` and ``--num-fewshot`` as the tasks' options."""
+    from llmops.benchmarks.tasks import DEFAULT_TASKS, TaskOptions
+
+    names = tuple(dict.fromkeys(t.strip() for t in (tasks or "").split(",") if t.strip())) or DEFAULT_TASKS
+    return TaskOptions(tasks=names, task_paths=tuple(str(p) for p in task_paths), limit=limit, num_fewshot=num_fewshot)
+
+
 def run_bench_on(state, artifacts: tuple[str, ...], *, on: str | None, targets: list[str] | None,  # noqa: ANN001
                  all_targets: bool, token_file: str | None, device: str, threads: int | None, metrics: str,
                  eval_text: str | None, dataset: str | None, ctx: int, chunks: int | None, baseline: str | None,
@@ -50,6 +59,9 @@ def run_bench_on(state, artifacts: tuple[str, ...], *, on: str | None, targets: 
 
     say = as_reporter(progress if progress is not None else log)
     wanted = _wanted(metrics, runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, ctx=ctx)
+    if "tasks" in wanted:
+        raise UsageError("--metrics tasks runs on this machine only, not on fleet targets (drop --on/--target, "
+                         "or the tasks metric)")
     ev, dataset_info = _eval_text(state, eval_text, dataset, say) if wanted & {"latency", "accuracy"} else (None, None)
     return bench_on(state, artifacts, address=on, targets=targets, all_targets=all_targets, device=device,
                     threads=threads, metrics=wanted, ev=ev, dataset_info=dataset_info, ctx=ctx, chunks=chunks,
@@ -60,9 +72,10 @@ def run_bench_on(state, artifacts: tuple[str, ...], *, on: str | None, targets: 
 def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | None, metrics: str,  # noqa: ANN001
               eval_text: str | None, dataset: str | None, ctx: int, chunks: int | None, baseline: str | None,
               record: bool, runs: int, decode_tokens: int, prompt_tokens: int,
-              max_memory_mb: int | None = None, progress: Reporter | None = None) -> dict[str, Any]:
+              max_memory_mb: int | None = None, progress: Reporter | None = None, tasks: Any = None) -> dict[str, Any]:
     """Benchmark each artifact; ``progress`` is the CLI's reporter (default: every message on
-    stderr), which the runner children's phases (windows scored, timed runs) reach too."""
+    stderr), which the runner children's phases (windows scored, timed runs) reach too.
+    ``tasks``: the options of the ``tasks`` metric (:func:`task_options`; default tasks without)."""
     import os
     import time
 
@@ -95,12 +108,12 @@ def run_bench(state, artifacts: tuple[str, ...], *, device: str, threads: int | 
             return Path(a).resolve()
 
         base_path = local(baseline) if baseline else None
-        base_sha = None  # the baseline's bytes are part of the protocol of KLD and top-1
-        if record and store is not None and base_path is not None and "accuracy" in wanted:
+        base_sha = None  # the baseline's bytes are part of the protocol of KLD, top-1 and the paired task figures
+        if record and store is not None and base_path is not None and wanted & {"accuracy", "tasks"}:
             base_sha = resolve_artifact(store, baseline).sha256 if is_ref(baseline) else sha256_path(base_path)
         opts = BenchOptions(metrics=wanted, device=device, threads=threads or os.cpu_count(), text=ev.text if ev else None, ctx=ctx,
                             chunks=chunks, baseline=base_path, runs=runs, prompt_tokens=prompt_tokens,
-                            decode_tokens=decode_tokens, cache_dir=cache_dir() / "logits")
+                            decode_tokens=decode_tokens, cache_dir=cache_dir() / "logits", tasks=tasks)
         for a in artifacts:
             path = local(a)
             t0 = time.time()

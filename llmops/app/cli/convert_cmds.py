@@ -78,7 +78,9 @@ def bench() -> None:
 @click.argument("artifacts", nargs=-1, required=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, help="CPU threads (default: all available).")
-@click.option("--metrics", default="memory,latency,accuracy", show_default=True)
+@click.option("--metrics", default="memory,latency,accuracy", show_default=True,
+              help="A comma-separated subset of memory,latency,accuracy,tasks (tasks: multiple-choice accuracy "
+              "scored by lm-eval).")
 @click.option("--eval-text", type=click.Path(dir_okay=False), help="Eval text (default $LLMOPS_EVAL_TEXT, else wikitext-2).")
 @click.option("--dataset", help="Eval text from the registry: datasets:/NAME/VERSION.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Perplexity context.")
@@ -88,6 +90,15 @@ def bench() -> None:
 @click.option("--runs", type=int, default=3, show_default=True, help="Timed runs after a warm-up (medians reported).")
 @click.option("--decode-tokens", type=int, default=128, show_default=True)
 @click.option("--prompt-tokens", type=int, default=512, show_default=True)
+@click.option("--tasks", "task_names", metavar="TASK[,TASK...]", help="With --metrics tasks: lm-eval tasks "
+              "(default hellaswag,piqa,arc_easy; built in: also arc_challenge, openbookqa, sciq, winogrande, copa, "
+              "social_iqa, commonsense_qa).")
+@click.option("--task-path", "task_paths", multiple=True, type=click.Path(file_okay=False),
+              help="A folder of lm-eval task YAMLs whose tasks --tasks may name (repeatable).")
+@click.option("--limit", type=click.IntRange(1), help="With --metrics tasks: the first N questions of each task "
+              "(default: all).")
+@click.option("--num-fewshot", type=click.IntRange(0), help="With --metrics tasks: examples before each question "
+              "(default: the task's own, 0 for the built-in tasks).")
 @click.option("--max-memory", type=click.IntRange(1), help="Cap the memory each runner process may allocate "
               "for the model (MiB); past it the runner fails cleanly instead of taking the machine down.")
 @click.option("--on", "on", metavar="ADDRESS", help="Run on the targets of this Ray cluster (HOST:PORT; default "
@@ -99,13 +110,19 @@ def bench() -> None:
 @common
 def bench_run(artifacts: tuple[str, ...], device: str, threads: int | None, metrics: str, eval_text: str | None,
               dataset: str | None, ctx: int, chunks: int, baseline: str | None, record: bool, runs: int,
-              decode_tokens: int, prompt_tokens: int, max_memory: int | None, on: str | None, targets: str | None,
-              all_targets: bool, token_file: str | None) -> None:
+              decode_tokens: int, prompt_tokens: int, task_names: str | None, task_paths: tuple[str, ...],
+              limit: int | None, num_fewshot: int | None, max_memory: int | None, on: str | None,
+              targets: str | None, all_targets: bool, token_file: str | None) -> None:
     """Benchmark ARTIFACT... (files, folders or models:/ references) on this machine, or with --on
     on the target machines of a Ray cluster (one table per target)."""
-    from llmops.app.bench_flow import run_bench, run_bench_on
+    from llmops.app.bench_flow import run_bench, run_bench_on, task_options
 
     state = _state()
+    task_opts = None
+    if task_names or task_paths or limit is not None or num_fewshot is not None:
+        if "tasks" not in {m.strip() for m in metrics.split(",")}:
+            raise UsageError("--tasks, --task-path, --limit and --num-fewshot apply to --metrics tasks")
+        task_opts = task_options(task_names, task_paths, limit, num_fewshot)
     if on or targets or all_targets:
         if max_memory:
             raise UsageError("--max-memory applies to a local bench, not to fleet targets")
@@ -126,8 +143,8 @@ def bench_run(artifacts: tuple[str, ...], device: str, threads: int | None, metr
     r = run_bench(state, artifacts, device=device, threads=threads, metrics=metrics, eval_text=eval_text,
                   dataset=dataset, ctx=ctx, chunks=None if chunks < 0 else chunks, baseline=baseline, record=record,
                   runs=runs, decode_tokens=decode_tokens, prompt_tokens=prompt_tokens, max_memory_mb=max_memory,
-                  progress=state.reporter())
-    out(r, lambda d: _bench_table(d["rows"]))
+                  progress=state.reporter(), tasks=task_opts)
+    out(r, lambda d: _bench_table(d["rows"]) + _task_table(d["rows"]))
 
 
 MISSING = "n/a"
@@ -183,6 +200,30 @@ def _bench_table(rows: list[dict[str, Any]], against_first: bool = False) -> str
                         "DECODE t/s", "TTFT ms", "RSS MiB"])
 
 
+def _task_table(rows: list[dict[str, Any]]) -> str:
+    """A row per artifact and task: lm-eval's acc and acc_norm with their standard errors, and
+    against the baseline the paired difference in points (with its standard error) and the
+    flip rate; empty when no task was measured."""
+    body = []
+    for r in rows:
+        prefixes = dict.fromkeys(k.split(".", 1)[0] for k in r if "." in k and k.endswith((".acc", ".acc_norm")))
+        for p in prefixes:
+            def f(name: str, spec: str, r: dict[str, Any] = r, p: str = p) -> str:
+                return _fmt(r.get(f"{p}.{name}"), spec)
+
+            main = "acc_norm" if f"{p}.acc_norm" in r else "acc"
+            delta = f(f"{main}_delta", "+.2f")
+            if delta != MISSING:
+                delta += " ± " + f(f"{main}_delta_se", ".2f") + ("" if main == "acc_norm" else " (acc)")
+            body.append([r.get("artifact") or r.get("label") or MISSING, p, f("n", ".0f"),
+                         f("acc", ".4f") + " ± " + f("acc_stderr", ".4f"),
+                         f("acc_norm", ".4f") + " ± " + f("acc_norm_stderr", ".4f"), delta,
+                         _fmt(100 * r[f"{p}.flip_rate"], ".1f") if _num(r.get(f"{p}.flip_rate")) is not None else MISSING])
+    if not body:
+        return ""
+    return "\n\n" + table(body, ["ARTIFACT", "TASK", "N", "ACC", "ACC_NORM", "PAIRED Δ pt", "FLIP%"])
+
+
 @bench.command("compare")
 @click.argument("refs", nargs=-1, required=True)
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write the size/accuracy/speed plot (PNG) here.")
@@ -194,4 +235,5 @@ def bench_compare(refs: tuple[str, ...], plot: str | None, any_hardware: bool, t
     from llmops.app.bench_flow import run_compare
 
     r = run_compare(_state(), refs, plot, any_hardware, target)
-    out(r, lambda d: _bench_table(d["rows"], against_first=True) + (f"\nplot: {d['plot']}" if d["plot"] else ""))
+    out(r, lambda d: _bench_table(d["rows"], against_first=True) + _task_table(d["rows"])
+        + (f"\nplot: {d['plot']}" if d["plot"] else ""))
