@@ -36,8 +36,8 @@ import numpy as np
 from llmops.app.serving.engines import (
     GenParams,
     Job,
+    ModelTokenizer,
     Observer,
-    Prompt,
     default_parallel,
     finish,
 )
@@ -61,7 +61,7 @@ class _Seq:
         self.trace = job.out.logprobs
 
 
-class LlamaBatchEngine:
+class LlamaBatchEngine(ModelTokenizer):
     """A GGUF served with continuous batching (see the module's description)."""
 
     backend = "llama.cpp"
@@ -105,20 +105,8 @@ class LlamaBatchEngine:
 
     # -- the model's tokenizer (any thread) ---------------------------------------------------
     @property
-    def n_vocab(self) -> int:
-        return self.file.n_vocab
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> Prompt:
-        return self.file.chat_prompt(messages)
-
-    def text_prompt(self, text: str) -> Prompt:
-        return self.file.text_prompt(text)
-
-    def tokenize(self, text: str, add_special: bool) -> list[int]:
-        return self.file.tokenize(text, add_special)
-
-    def piece(self, token: int) -> bytes:
-        return self.file.piece(token)
+    def inner(self) -> LlamaModelFile:
+        return self.file
 
     def tokenizer_info(self) -> dict[str, Any]:
         return {**self.file.tokenizer_info(), "model_max_length": self.n_ctx}

@@ -135,19 +135,11 @@ def finish(job: Job, reason: str | None, error: BaseException | None = None) -> 
         pass
 
 
-class SerialEngine:
-    """An engine that runs one job at a time to the end, on one worker thread: a runtime whose
-    ``generate(prompt, params, cancel, out)`` yields text pieces (onnxruntime-genai's
-    ``Generator``). The runtime is not thread-safe, so tokenizing runs on the same thread."""
+class ModelTokenizer:
+    """The tokenizer half of an engine, answered by the model it wraps (``self.inner``): every
+    engine, serial or batching, tokenizes and renders prompts the same way, whatever decodes."""
 
-    def __init__(self, inner: Any, observer: Observer | None = None, name: str = "llmops-engine") -> None:
-        self.inner = inner
-        self.backend = inner.backend
-        self.n_ctx = inner.n_ctx
-        self.parallel = 1
-        self.observer = observer or Observer()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self._jobs: set[Job] = set()  # handed in and not ended
+    inner: Any
 
     @property
     def n_vocab(self) -> int:
@@ -167,6 +159,21 @@ class SerialEngine:
 
     def tokenizer_info(self) -> dict[str, Any]:
         return self.inner.tokenizer_info()
+
+
+class SerialEngine(ModelTokenizer):
+    """An engine that runs one job at a time to the end, on one worker thread: a runtime whose
+    ``generate(prompt, params, cancel, out)`` yields text pieces (onnxruntime-genai's
+    ``Generator``). The runtime is not thread-safe, so tokenizing runs on the same thread."""
+
+    def __init__(self, inner: Any, observer: Observer | None = None, name: str = "llmops-engine") -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.n_ctx = inner.n_ctx
+        self.parallel = 1
+        self.observer = observer or Observer()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._jobs: set[Job] = set()  # handed in and not ended
 
     def call(self, fn: Callable[[], Any]) -> Future:
         return self._executor.submit(fn)

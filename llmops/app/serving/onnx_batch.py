@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from llmops.app.serving.engines import Job, Observer, Prompt, finish
+from llmops.app.serving.engines import Job, ModelTokenizer, Observer, finish
 from llmops.app.serving.onnx_engine import OnnxGenaiEngine, _StopText
 from llmops.core.errors import LLMOpsError
 
@@ -30,7 +30,7 @@ class _Running:
         self.cancel_sent = False
 
 
-class OnnxBatchEngine:
+class OnnxBatchEngine(ModelTokenizer):
     """Requests batched through onnxruntime-genai's ``Engine`` (see the module's description)."""
 
     backend = "onnxruntime-genai"
@@ -67,25 +67,6 @@ class OnnxBatchEngine:
         if self._start_error is not None:
             self.inner.close()
             raise LLMOpsError(f"onnxruntime-genai cannot batch {folder}: {self._start_error} (serve it with --parallel 1)")
-
-    @property
-    def n_vocab(self) -> int:
-        return self.inner.n_vocab
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> Prompt:
-        return self.inner.chat_prompt(messages)
-
-    def text_prompt(self, text: str) -> Prompt:
-        return self.inner.text_prompt(text)
-
-    def tokenize(self, text: str, add_special: bool) -> list[int]:
-        return self.inner.tokenize(text, add_special)
-
-    def piece(self, token: int) -> bytes:
-        return self.inner.piece(token)
-
-    def tokenizer_info(self) -> dict[str, Any]:
-        return self.inner.tokenizer_info()
 
     def call(self, fn: Any) -> Future:
         """On the engine's thread, between two steps (the tokenizer's options are shared state)."""
