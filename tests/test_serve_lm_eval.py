@@ -1,6 +1,7 @@
 """`llmops serve` as lm-eval's `local-completions` backend: the real harness against a real
 server of a tiny GGUF gives the loglikelihoods llama-cpp-python computes in this process from
-the same file's logits, token by token, and the accuracy that follows from them; and the echo
+the same file's logits, token by token, and the accuracy that follows from them, question by question
+what `llmops bench --metrics tasks` gives the same file; and the echo
 `logprobs` the harness reads are aligned with the logits position by position, with and
 without a BOS token, for GGUF and ONNX."""
 
@@ -78,7 +79,8 @@ def _encode_pair(llm: Any, context: str, continuation: str) -> tuple[list[int], 
 @pytest.mark.slow
 @pytest.mark.fidelity  # scores identical to llama.cpp's own: run by `make test` after the default suite
 def test_lm_eval_local_completions_scores_as_llama_cpp_in_process(gguf_server: Server, llama: Any, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   artifacts) -> None:  # noqa: ANN001, F811
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -113,6 +115,19 @@ def test_lm_eval_local_completions_scores_as_llama_cpp_in_process(gguf_server: S
             scores.append(expected)
         correct.append(float(int(np.argmax(scores)) == s["doc"]["answer"]))
     assert results["results"][TASK]["acc,none"] == pytest.approx(sum(correct) / len(correct))
+
+    # the same questions through `llmops bench --metrics tasks`'s own scorer on the same file: the
+    # same loglikelihood for every choice (to llama.cpp's batch-to-batch tolerance) and the same answers
+    from llmops.benchmarks.runners import RunnerSpec
+    from llmops.benchmarks.tasks import TaskOptions, TaskSuite
+
+    ours = TaskSuite(TaskOptions(tasks=(TASK,), task_paths=(str(tmp_path),), num_fewshot=0)).evaluate(
+        RunnerSpec("llama.cpp", str(artifacts["gguf-f32"]), 512, 1))[TASK]
+    for s in samples:
+        q = ours.questions[str(s["doc_id"])]
+        assert q["lls"] == pytest.approx([float(r[0][0]) for r in s["resps"]], abs=2e-3)
+        assert q["values"]["acc"] == s["acc"]
+    assert ours.metrics["acc"] == pytest.approx(results["results"][TASK]["acc,none"])
 
 
 def _echo(server: Server, tokens: list[int], **extra: Any) -> dict[str, Any]:
