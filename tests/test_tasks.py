@@ -80,6 +80,8 @@ def _hf_scores(src: Path, suite: Any) -> dict[str, Any]:
     return res
 
 
+# slow: the fidelity step of `make test` holds the same identity on the real model (SmolLM2, below)
+@pytest.mark.slow
 def test_runner_scores_what_lm_evals_hf_model_scores(task_cache: Path, tiny_models: Callable[[str], Path]) -> None:
     """The torch runner through RunnerLM (in its child process) against lm-eval's hf backend, same
     tasks and questions: every loglikelihood within float tolerance, every question's acc and
