@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from llmops.app.serving.engines import (
+    BatchLoop,
     GenParams,
     Job,
     ModelTokenizer,
@@ -61,7 +62,7 @@ class _Seq:
         self.trace = job.out.logprobs
 
 
-class LlamaBatchEngine(ModelTokenizer):
+class LlamaBatchEngine(ModelTokenizer, BatchLoop):
     """A GGUF served with continuous batching (see the module's description)."""
 
     backend = "llama.cpp"
@@ -130,23 +131,11 @@ class LlamaBatchEngine(ModelTokenizer):
 
     def close(self) -> None:
         """Stop once the jobs already handed in have ended, then free the context and the weights."""
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
+        super().close()
         self._tok.shutdown(wait=False)
 
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def cut(self) -> None:
-        """Cancel every job, running or queued (shutdown past its grace)."""
-        with self._cv:
-            for job in self._incoming:
-                job.cancel.set()
-            for s in self._active:
-                s.job.cancel.set()
-            self._cv.notify()
+    def _running_jobs(self) -> list[Job]:
+        return [s.job for s in self._active]
 
     # -- the loop (its own thread) ----------------------------------------------------------
     def _new_context(self) -> None:

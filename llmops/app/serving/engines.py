@@ -161,6 +161,37 @@ class ModelTokenizer:
         return self.inner.tokenizer_info()
 
 
+class BatchLoop:
+    """The stop of an engine whose one loop thread owns the model and takes jobs from
+    ``_incoming`` under ``_cv``: close (finish what was handed in), join, cut (cancel it all);
+    the loop itself reads ``_closing`` and the jobs' cancel flags."""
+
+    _cv: threading.Condition
+    _closing: bool
+    _incoming: Any  # a deque of Job
+    _thread: threading.Thread
+
+    def _running_jobs(self) -> list[Job]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop once the jobs already handed in have ended, then free the model."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def cut(self) -> None:
+        """Cancel every job, running or queued (shutdown past its grace)."""
+        with self._cv:
+            for job in [*self._incoming, *self._running_jobs()]:
+                job.cancel.set()
+            self._cv.notify()
+
+
 class SerialEngine(ModelTokenizer):
     """An engine that runs one job at a time to the end, on one worker thread: a runtime whose
     ``generate(prompt, params, cancel, out)`` yields text pieces (onnxruntime-genai's

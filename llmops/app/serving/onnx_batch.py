@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from llmops.app.serving.engines import Job, ModelTokenizer, Observer, finish
+from llmops.app.serving.engines import BatchLoop, Job, ModelTokenizer, Observer, finish
 from llmops.app.serving.onnx_engine import OnnxGenaiEngine, _StopText
 from llmops.core.errors import LLMOpsError
 
@@ -30,7 +30,7 @@ class _Running:
         self.cancel_sent = False
 
 
-class OnnxBatchEngine(ModelTokenizer):
+class OnnxBatchEngine(ModelTokenizer, BatchLoop):
     """Requests batched through onnxruntime-genai's ``Engine`` (see the module's description)."""
 
     backend = "onnxruntime-genai"
@@ -84,22 +84,8 @@ class OnnxBatchEngine(ModelTokenizer):
             self._incoming.append(job)
             self._cv.notify()
 
-    def close(self) -> None:
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-
-    def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def cut(self) -> None:
-        with self._cv:
-            for job in self._incoming:
-                job.cancel.set()
-            for r in self._running.values():
-                r.job.cancel.set()
-            self._cv.notify()
+    def _running_jobs(self) -> list[Job]:
+        return [r.job for r in self._running.values()]
 
     def _run(self) -> None:
         # the engine answers only the thread that made it: it is made here, and used only here
