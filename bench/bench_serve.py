@@ -241,13 +241,13 @@ def concurrency(env: dict[str, str], workdir: Path, name: str, model: Path, args
     }
     models = {"serial": name, "llama-server": "model", "llmops": name}
     out: dict[str, dict[int, list[dict[str, Any]]]] = {k: {c: [] for c in CLIENTS} for k in servers}
-    for side, srv in servers.items():  # warm-up
-        concurrent(srv.port, models[side], 2, 1, 8, PROMPT, "warm")
+    for side, srv in servers.items():  # warm-up at full length (first-use allocations)
+        concurrent(srv.port, models[side], 2, 1, args.max_tokens, PROMPT, "warm")
     for r in range(args.rounds):
         for c in CLIENTS:
             sides = list(servers)
             for side in sides[r % 3:] + sides[:r % 3]:
-                m = concurrent(servers[side].port, models[side], c, 2, args.max_tokens, PROMPT, f"r{r}")
+                m = concurrent(servers[side].port, models[side], c, 2, args.max_tokens, PROMPT, f"r{r}c{c}")
                 out[side][c].append(m)
                 print(f"{name} round {r + 1}, {c} clients, {side}: {m['tokens_per_s']:.1f} tok/s, ttft p95 "
                       f"{m['ttft_p95_ms']:.0f} ms, {m['failures']} failed", file=sys.stderr)
@@ -267,12 +267,13 @@ def onnx_section(env: dict[str, str], workdir: Path, args: argparse.Namespace) -
                "parallel 1": Server(env, "models:/bench-onnx/1", "--threads", str(args.threads), "--parallel", "1",
                                     log=workdir / "serve-onnx-serial.log")}
     out: dict[str, dict[int, list[float]]] = {k: {1: [], 4: []} for k in servers}
-    for srv in servers.values():
-        concurrent(srv.port, "bench-onnx", 1, 1, 8, PROMPT, "warm")
+    for srv in servers.values():  # warm-up at full length, alone and batched (first-use allocations)
+        for c in (1, 4):
+            concurrent(srv.port, "bench-onnx", c, 1, args.max_tokens, PROMPT, f"warm{c}")
     for r in range(args.rounds):
         for c in (1, 4):
-            for side, srv in servers.items():
-                m = concurrent(srv.port, "bench-onnx", c, 2, args.max_tokens, PROMPT, f"r{r}")
+            for side, srv in (list(servers.items())[::-1] if r % 2 else servers.items()):
+                m = concurrent(srv.port, "bench-onnx", c, 2, args.max_tokens, PROMPT, f"r{r}c{c}")
                 out[side][c].append(m["tokens_per_s"])
                 print(f"onnx round {r + 1}, {c} clients, {side}: {m['tokens_per_s']:.1f} tok/s", file=sys.stderr)
     for srv in servers.values():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -11,25 +10,9 @@ from pathlib import Path
 
 import pytest
 
-PG_ADMIN_URL = os.environ.get("LLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+import pgtest
+
 SHARED_WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-
-
-def _pg_admin_engine():  # noqa: ANN202
-    from sqlalchemy import create_engine
-
-    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-
-
-def _pg_reachable() -> str | None:
-    try:
-        eng = _pg_admin_engine()
-        with eng.connect() as c:
-            c.exec_driver_sql("SELECT 1")
-        eng.dispose()
-        return None
-    except Exception as exc:  # noqa: BLE001
-        return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass
@@ -76,21 +59,13 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytes
 def fresh_pg_database() -> Iterator[str]:
     """A new, empty PostgreSQL database for one test (dropped afterwards, even with clients
     still connected); skips without a server, fails under CI=true."""
-    problem = _pg_reachable()
+    problem = pgtest.unreachable()
     if problem:
         if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}: {problem}")
+            pytest.fail(f"PostgreSQL is not reachable at {pgtest.PG_ADMIN_URL}: {problem}")
         pytest.skip(f"PostgreSQL not reachable: {problem}")
-    name = f"llmops_test_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin_engine()
-    with admin.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as c:
-            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with pgtest.database() as name:
+        yield pgtest.url_of(name)
 
 
 @pytest.fixture

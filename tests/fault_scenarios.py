@@ -1,21 +1,22 @@
-"""The fault campaign's scenarios: for each kind of fault, the world it needs (a SQLite store, a
-PostgreSQL one, one behind a proxy or a tracking server, one on a small disk) and, set up in it,
-the step that makes one injection (``faultkit.inject``). The default suite runs one step of each
-in a few shared worlds, the full campaign many steps of each in a world of its own."""
+"""The fault campaign's scenarios, set up in a world (``fault_worlds``): each returns the step
+that makes one injection (``faultkit.inject``). Here the writers cut by SIGKILL and ``llmops
+serve`` through a killed swap; ``fault_outages`` holds the faults of what a command relies on (the
+database, the tracking server, the disk). The default suite runs one step of each in a few
+shared worlds, the full campaign many steps of each in a world of its own."""
 
 from __future__ import annotations
 
 import contextlib
 import random
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import faultenv as fe
-from faultkit import Done, Outcome, Runner, World, _engine, base_env, calibrate, inject, killer
+from faultchecks import rows
+from faultkit import Done, Outcome, World, calibrate, inject, killer
 
 Step = Callable[[int, random.Random], Outcome]
 BIG = 1 << 30
@@ -49,28 +50,14 @@ def new_file(root: Path, rng: random.Random, lo: int = 64 << 10, hi: int = 512 <
 
 
 def holder(world: World, name: str, alias: str = "production") -> str | None:
-    from sqlalchemy import text
-
-    eng = _engine(world.db_url)
-    try:
-        with eng.connect() as c:
-            v = c.execute(text("SELECT version FROM registered_model_aliases WHERE name = :n AND alias = :a"),
-                          {"n": name, "a": alias}).scalar()
-    finally:
-        eng.dispose()
-    return None if v is None else str(v)
+    found = rows(world.db_url, "SELECT version FROM registered_model_aliases WHERE name = :n AND alias = :a",
+                 {"n": name, "a": alias})
+    return str(found[0][0]) if found else None
 
 
 def holder_exists(world: World, name: str, version: str = "1") -> bool:
-    from sqlalchemy import text
-
-    eng = _engine(world.db_url)
-    try:
-        with eng.connect() as c:
-            return c.execute(text("SELECT 1 FROM llmops_versions WHERE kind = 'model' AND name = :n AND version = :v"),
-                             {"n": name, "v": version}).first() is not None
-    finally:
-        eng.dispose()
+    return bool(rows(world.db_url, "SELECT 1 FROM llmops_versions WHERE kind = 'model' AND name = :n AND version = :v",
+                     {"n": name, "v": version}))
 
 
 def other(world: World, name: str) -> str:
@@ -270,309 +257,3 @@ def serve_mid_swap(world: World, ctx: Ctx) -> Step:
         return inject(world, kind, i, [], cut, retry=retry)
 
     return step
-
-
-# -- the database: a session terminated, the server unreachable ------------------------------------------------
-def _rotating(world: World, ctx: Ctx, kind: str) -> tuple[Callable[[int, random.Random], list[str]], dict[int, float]]:
-    """Registration, promotion and a dataset version in turn: the writers a dropped connection cuts."""
-    files, m = world.root / f"files-{kind}", f"m-{kind}"
-    two_versions(world, m, new_file(files, ctx.rng(kind)), new_file(files, ctx.rng(kind + "2")))
-    world.must("promote", m, "1")
-
-    def command(i: int, rng: random.Random) -> list[str]:
-        if i % 3 == 0:
-            return ["--json", "models", "register", str(new_file(files, rng)), "--name", m]
-        if i % 3 == 1:
-            return ["--json", "promote", m, other(world, m)]
-        return ["--json", "datasets", "add", f"d-{kind}", str(new_file(files, rng, 1000, 50_000))]
-
-    guess = {0: 1.2, 1: 0.4, 2: 0.4}
-    return command, {i: ctx.measure(world, command(i, ctx.rng(kind + "3")), guess[i]).seconds for i in range(3)}
-
-
-def concurrently(world: World, command: list[str], at: float, fault: Callable[[], object],
-                 after: Callable[[], None] | None = None) -> tuple[Done, list[str]]:
-    """The command, with ``fault()`` at ``at`` seconds into it (unless it ended first); then
-    ``after()`` (the fault undone), once both are over."""
-    started, ended = threading.Event(), threading.Event()
-    said: list[str] = []
-
-    def interfere() -> None:
-        started.wait(60)
-        if not ended.wait(at):
-            said.append(str(fault()))
-        if after is not None:
-            after()
-
-    t = threading.Thread(target=interfere, daemon=True)
-    t.start()
-    try:
-        done = world.runner.run(command, world.env, on_start=lambda _pid: started.set())
-    finally:
-        ended.set()
-        t.join(timeout=600)
-    return done, said
-
-
-def pg_terminate(world: World, ctx: Ctx) -> Step:
-    kind = "pg-terminate-backend"
-    command, seconds = _rotating(world, ctx, kind)
-    cut_rng, db = ctx.rng(kind + "-cut"), world.extra["db"]
-
-    def step(i: int, rng: random.Random) -> Outcome:
-        at = cut_rng.uniform(0, seconds[i % 3])
-
-        def cut(w: World, cmd: list[str]) -> tuple[Done, str]:
-            done, said = concurrently(w, cmd, at, lambda: fe.terminate_backends(db))
-            return done, f"pg_terminate_backend after {at:.3f} s ({said[0] + ' sessions' if said else 'ended first'})"
-
-        return inject(world, kind, i, command(i, rng), cut)
-
-    return step
-
-
-def pg_unreachable(world: World, ctx: Ctx) -> Step:
-    kind = "pg-unreachable"
-    proxy: fe.Proxy = world.extra["proxy"]
-    env = world.env
-    world.env = world.extra["proxied_env"]  # the command under test reaches the database through the proxy
-    try:
-        command, seconds = _rotating(world, ctx, kind)
-    finally:
-        world.env = env
-    cut_rng = ctx.rng(kind + "-cut")
-
-    def step(i: int, rng: random.Random) -> Outcome:
-        at, dark = cut_rng.uniform(0, seconds[i % 3]), cut_rng.uniform(0.5, 3.0)
-
-        def cut(w: World, cmd: list[str]) -> tuple[Done, str]:
-            timer = threading.Timer(dark, proxy.restore)
-            done, said = concurrently(w, cmd, at, proxy.cut, after=timer.start)
-            return done, f"database unreachable for {dark:.1f} s after {at:.3f} s" + ("" if said else " (ended first)")
-
-        proxied = World(world.root, world.runner, world.extra["proxied_env"], world.db_url, world.store_dir,
-                        check_env=world.env, outputs=world.outputs)
-        o = inject(proxied, kind, i, command(i, rng), cut,
-                   after=lambda: fe.wait_for(lambda: not proxy.down, 30, "the database to be reachable again"))
-        return o
-
-    return step
-
-
-# -- the shared tracking server killed and restarted while a client registers through it --------------------
-def server_restart(world: World, ctx: Ctx) -> Step:
-    kind, server = "tracking-server-restart", world.extra["server"]
-    files = world.root / "files-server"
-    cal = ctx.measure(world, ["--json", "models", "register", str(new_file(files, ctx.rng(kind))), "--name", "srv"],
-                      3.0)
-    timing = {"seconds": cal.seconds}
-    cut_rng = ctx.rng(kind + "-cut")
-
-    def step(i: int, rng: random.Random) -> Outcome:
-        at = cut_rng.uniform(0, timing["seconds"] * 0.9)
-
-        def cut(w: World, cmd: list[str]) -> tuple[Done, str]:
-            done, said = concurrently(w, cmd, at, server.kill, after=server.start)
-            if done.code == 0 and not said:
-                timing["seconds"] = done.seconds
-            return done, f"server killed after {at:.3f} s, restarted" + ("" if said else " (ended first)")
-
-        cmd = ["--json", "models", "register", str(new_file(files, rng)), "--name", "srv"]
-        return inject(world, kind, i, cmd, cut)
-
-    return step
-
-
-# -- a full disk, an I/O error -----------------------------------------------------------------------------------
-def disk_full_store(world: World, ctx: Ctx) -> Step:
-    """The store on a tmpfs that fills up during the command (without mount rights: a file-size
-    limit, RLIMIT_FSIZE, as `ulimit -f` sets)."""
-    kind, disk, files = "disk-full-store", world.extra.get("disk"), world.root / "files-full"
-    world.must("--json", "models", "register", new_file(files, ctx.rng(kind)), "--name", "full")
-    cut_rng = ctx.rng(kind + "-cut")
-
-    def step(i: int, rng: random.Random) -> Outcome:
-        f = new_file(files, rng, 256 << 10, 1 << 20)
-        room = cut_rng.randint(0, int(f.stat().st_size * 1.5))
-
-        def cut(w: World, c: list[str]) -> tuple[Done, str]:
-            if disk is not None:
-                disk.resize(disk.used() + room)
-                return w.runner.run(c, w.env), f"tmpfs full after {room} more bytes"
-            return w.runner.run(c, w.env, fsize=room), f"RLIMIT_FSIZE {room} bytes"
-
-        return inject(world, kind, i, ["--json", "models", "register", str(f), "--name", "full"], cut,
-                      after=(lambda: disk.resize(BIG)) if disk else None)
-
-    return step
-
-
-def disk_full_output(world: World, ctx: Ctx) -> Step:
-    kind, disk = "disk-full-output", world.extra.get("disk")
-    out_dir = disk.path if disk is not None else world.outputs[0]
-    if out_dir not in world.outputs:
-        world.outputs.append(out_dir)
-    cmd = convert_cmd(ctx.tiny_models("llama"), out_dir / "tiny.gguf", "convfull", False, "gguf-f16")
-    size = calibrate(world, cmd).json()["size_bytes"]
-    cut_rng = ctx.rng(kind + "-cut")
-
-    def step(i: int, rng: random.Random) -> Outcome:
-        room = cut_rng.randint(0, int(size * 1.2))
-
-        def cut(w: World, c: list[str]) -> tuple[Done, str]:
-            if disk is not None:
-                (out_dir / "tiny.gguf").unlink(missing_ok=True)  # the earlier output's room goes too
-                disk.resize(max(disk.used() + room, 4096))
-                return w.runner.run(c, w.env), f"tmpfs full after {room} bytes of the output"
-            return w.runner.run(c, w.env, fsize=room), f"RLIMIT_FSIZE {room} bytes"
-
-        return inject(world, kind, i, cmd, cut, after=(lambda: disk.resize(BIG)) if disk else None)
-
-    return step
-
-
-def _eio(kind: str, world: World, ctx: Ctx, prefix: Path, command: Callable[[int, random.Random], list[str]],
-         writes: int) -> Step:
-    lib, counter = ctx.eio_lib(), world.root / f"{kind}-count"
-    # ``writes``: how many writes under ``prefix`` a whole run makes, typically; counted, unless quick
-    if not ctx.quick:
-        first = world.runner.run(command(0, ctx.rng(kind)), fe.with_eio(world.env, lib, prefix, -1, counter),
-                                 exec_=True)
-        assert first.code == 0, first.out[-2000:]
-        writes = int(counter.read_text().strip() or 1)
-    cut_rng = ctx.rng(kind + "-cut")
-
-    def step(i: int, rng: random.Random) -> Outcome:
-        at = cut_rng.randint(1, writes)
-
-        def cut(w: World, c: list[str]) -> tuple[Done, str]:
-            return (w.runner.run(c, fe.with_eio(w.env, lib, prefix, at), exec_=True),
-                    f"EIO from write {at} of {writes} under {prefix.name}")
-
-        return inject(world, kind, i, command(i + 1, rng), cut)
-
-    return step
-
-
-def eio_store(world: World, ctx: Ctx) -> Step:
-    files = world.root / "files-eio"
-    return _eio("eio-store", world, ctx, world.store_dir, lambda i, rng: [
-        "--json", "models", "register", str(new_file(files, rng)), "--name", "eio"], 100)
-
-
-def eio_output(world: World, ctx: Ctx) -> Step:
-    out = world.outputs[0]
-    return _eio("eio-output", world, ctx, out, lambda i, rng: convert_cmd(
-        ctx.tiny_models("llama"), out / "tiny-eio.gguf", "conveio", False, "gguf-f16"), 27)
-
-
-# -- worlds -----------------------------------------------------------------------------------------------------
-def sqlite_world(root: Path, runner: Runner) -> World:
-    store, cache, out, tmp = root / "store", root / "cache", root / "out", root / "tmp"
-    for d in (out, tmp):
-        d.mkdir(parents=True, exist_ok=True)
-    env = {**base_env(), "LLMOPS_STORE": str(store), "LLMOPS_CACHE": str(cache), "TMPDIR": str(tmp)}
-    world = World(root, runner, env, f"sqlite:///{store / 'llmops.db'}", store, outputs=[out])
-    world.must("db", "upgrade")
-    return world
-
-
-@contextlib.contextmanager
-def world_of(kind: str, root: Path, runner: Runner, quick: bool = False) -> Iterator[World]:
-    """A world for faults of ``kind``: ``sqlite``, ``pg`` (with a proxy that can cut the database
-    off), ``server`` (a shared tracking server: on PostgreSQL in the full campaign, on SQLite in
-    the quick sample, which spares it MLflow's first migration of a PostgreSQL database), ``disk``."""
-    if kind == "sqlite":
-        yield sqlite_world(root, runner)
-    elif kind == "pg":
-        with fe.pg_database() as db:
-            world = _pg(root, runner, db)
-            proxy = fe.Proxy()
-            world.extra.update(db=db, proxy=proxy,
-                               proxied_env={**world.env, "LLMOPS_DATABASE_URL": fe.pg_url(db, proxy.port)})
-            try:
-                yield world
-            finally:
-                proxy.close()
-    elif kind == "server":
-        if not quick and fe.pg_reachable():
-            with fe.pg_database() as db:
-                yield from _server_world(root, runner, fe.pg_url(db))
-        else:
-            yield from _server_world(root, runner, None)
-    elif kind == "disk":
-        disk = fe.SmallDisk(root / "disk") if fe.SmallDisk.available(root / "probe") else None
-        if disk is not None:
-            disk.mount(BIG)
-        try:
-            world = sqlite_world(root, runner)
-            if disk is not None:  # the store itself on the small disk
-                store = disk.path / "store"
-                world.env["LLMOPS_STORE"], world.store_dir = str(store), store
-                world.db_url = f"sqlite:///{store / 'llmops.db'}"
-                world.must("db", "upgrade")
-            world.extra["disk"] = disk
-            yield world
-        finally:
-            if disk is not None:
-                disk.umount()
-    else:
-        raise ValueError(kind)
-
-
-def _pg(root: Path, runner: Runner, db: str) -> World:
-    store, cache, out, tmp = root / "store", root / "cache", root / "out", root / "tmp"
-    for d in (out, tmp):
-        d.mkdir(parents=True, exist_ok=True)
-    env = {**base_env(), "LLMOPS_STORE": str(store), "LLMOPS_CACHE": str(cache), "TMPDIR": str(tmp),
-           "LLMOPS_DATABASE_URL": fe.pg_url(db)}
-    world = World(root, runner, env, fe.pg_url(db), store, outputs=[out])
-    world.must("db", "upgrade")
-    return world
-
-
-def _server_world(root: Path, runner: Runner, pg: str | None) -> Iterator[World]:
-    server_store = root / "server-store"
-    server_env = {**base_env(), "LLMOPS_STORE": str(server_store), "LLMOPS_CACHE": str(root / "server-cache")}
-    if pg is not None:
-        server_env["LLMOPS_DATABASE_URL"] = pg
-    server = fe.TrackingServer(server_env, root / "server.log")
-    server.start()
-    try:
-        db_url = pg or f"sqlite:///{server_store / 'llmops.db'}"
-        client = root / "client"
-        for d in (client / "out", client / "tmp"):
-            d.mkdir(parents=True, exist_ok=True)
-        env = {**base_env(), "LLMOPS_STORE": str(client / "store"), "LLMOPS_CACHE": str(client / "cache"),
-               "TMPDIR": str(client / "tmp"), "MLFLOW_TRACKING_URI": server.url, "LLMOPS_DATABASE_URL": db_url,
-               # a client gives up on a server that stays away (MLflow's default retries for minutes)
-               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-        # doctor and gc on the server's own store (its artifact folder is there); doctor through the
-        # server as a client sees it too
-        yield World(root, runner, env, db_url, server_store, check_env=server_env, outputs=[client / "out"],
-                    extra={"server": server, "also_doctor": [env]})
-    finally:
-        server.stop()
-
-
-# kind: (the world it runs in, its setup)
-SCENARIOS: dict[str, tuple[str, Callable[[World, Ctx], Step]]] = {
-    "sigkill-register": ("sqlite", register("sigkill-register", "m")),
-    "sigkill-register-pg": ("pg", register("sigkill-register-pg", "m")),
-    "sigkill-convert-register": ("sqlite", convert_register),
-    "sigkill-datasets-add": ("sqlite", datasets_add),
-    "sigkill-prompts-add": ("sqlite", prompts_add),
-    "sigkill-promote": ("sqlite", promote),
-    "sigkill-rollback": ("sqlite", rollback),
-    "sigkill-bench": ("sqlite", bench),
-    "sigkill-gc": ("sqlite", gc_killed),
-    "sigkill-promote-while-serving": ("sqlite", promote_while_serving),
-    "sigkill-serve-mid-swap": ("sqlite", serve_mid_swap),
-    "pg-terminate-backend": ("pg", pg_terminate),
-    "pg-unreachable": ("pg", pg_unreachable),
-    "tracking-server-restart": ("server", server_restart),
-    "disk-full-store": ("disk", disk_full_store),
-    "disk-full-output": ("disk", disk_full_output),
-    "eio-store": ("sqlite", eio_store),
-    "eio-output": ("sqlite", eio_output),
-}

@@ -1,6 +1,6 @@
 """The fault campaign's surroundings: PostgreSQL databases and a proxy that can cut them off, a
 shared MLflow server that can be killed and restarted, ``llmops serve`` with a client that keeps
-asking, a small filesystem that fills up, and a preloaded library that fails writes with EIO."""
+asking. The disk that fills up and the writes that fail are in ``faultdisk``."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ import subprocess
 import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
+import pgtest
 from faultkit import LLMOPS, base_env
 
-PG_ADMIN_URL = os.environ.get("LLMOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = pgtest.PG_ADMIN_URL
 
 
 def free_port() -> int:
@@ -93,47 +92,20 @@ def kill_tree(pid: int) -> None:
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------
-def pg_admin():  # noqa: ANN201
-    from sqlalchemy import create_engine
-
-    return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-
-
 def pg_reachable() -> bool:
-    try:
-        eng = pg_admin()
-        with eng.connect() as c:
-            c.exec_driver_sql("SELECT 1")
-        eng.dispose()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
+    return pgtest.unreachable() is None
 
 
-@contextlib.contextmanager
-def pg_database(template: str | None = None) -> Iterator[str]:
-    name = f"llmops_chaos_{uuid.uuid4().hex[:10]}"
-    eng = pg_admin()
-    with eng.connect() as c:
-        c.exec_driver_sql(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
-    try:
-        yield name
-    finally:
-        with eng.connect() as c:
-            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        eng.dispose()
+def pg_database() -> contextlib.AbstractContextManager[str]:
+    return pgtest.database("llmops_chaos")
 
 
-def pg_url(db: str, port: int | None = None) -> str:
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    if port is not None:
-        base = base.replace(":5432", f":{port}")
-    return f"{base}/{db}"
+pg_url = pgtest.url_of
 
 
 def terminate_backends(db: str) -> int:
     """``pg_terminate_backend`` on every session of database ``db``: how many there were."""
-    eng = pg_admin()
+    eng = pgtest.admin_engine()
     try:
         with eng.connect() as c:
             return len(c.exec_driver_sql(
@@ -314,123 +286,6 @@ class Serving:
                     kill_tree(self.proc.pid)
                     self.proc.wait(timeout=30)
             self.proc = None
-
-
-# -- a small filesystem that fills up -------------------------------------------------------------------
-class SmallDisk:
-    """A tmpfs at ``path`` whose size is set at will (root, and a kernel that lets this container
-    mount: checked by :meth:`available`)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.mounted = False
-
-    @staticmethod
-    def available(probe: Path) -> bool:
-        probe.mkdir(parents=True, exist_ok=True)
-        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)],
-                            capture_output=True).returncode == 0
-        if ok:
-            subprocess.run(["umount", str(probe)], capture_output=True)
-        return ok
-
-    def mount(self, size: int) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(self.path)], check=True)
-        self.mounted = True
-
-    def resize(self, size: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True)
-
-    def used(self) -> int:
-        st = os.statvfs(self.path)
-        return (st.f_blocks - st.f_bfree) * st.f_frsize
-
-    def umount(self) -> None:
-        if self.mounted:
-            subprocess.run(["umount", "-l", str(self.path)], check=False)
-            self.mounted = False
-
-
-# -- writes that fail with EIO ---------------------------------------------------------------------------
-SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <errno.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/types.h>
-#include <sys/uio.h>
-#include <unistd.h>
-
-#include <fcntl.h>
-
-static long fail_at = -2;
-static const char *prefix;
-static long seen;
-static int count_fd = -1;
-
-#define NEXT(name) static __typeof__(name) *real; if (!real) real = dlsym(RTLD_NEXT, #name)
-
-/* FAULT_EIO_PREFIX: the path the failing writes go to; FAULT_EIO_AT: the first of them to fail
-   (every later one fails too, as on a failing disk); FAULT_EIO_COUNT: a file that holds how
-   many writes went there so far. */
-static int failing(int fd) {
-    if (fail_at == -2) {
-        const char *at = getenv("FAULT_EIO_AT"), *count = getenv("FAULT_EIO_COUNT");
-        prefix = getenv("FAULT_EIO_PREFIX");
-        fail_at = at ? atol(at) : -1;
-        if (count) count_fd = open(count, O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
-    }
-    if (!prefix || fd == count_fd) return 0;
-    char link[64], path[4096];
-    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
-    ssize_t n = readlink(link, path, sizeof path - 1);
-    if (n < 0) return 0;
-    path[n] = 0;
-    if (strncmp(path, prefix, strlen(prefix)) != 0) return 0;
-    long now = __atomic_add_fetch(&seen, 1, __ATOMIC_SEQ_CST);
-    if (count_fd >= 0) {
-        char buf[32];
-        int len = snprintf(buf, sizeof buf, "%ld\n", now);
-        NEXT(pwrite);
-        real(count_fd, buf, len, 0);
-    }
-    if (fail_at < 0 || now < fail_at) return 0;
-    errno = EIO;
-    return 1;
-}
-
-ssize_t write(int fd, const void *b, size_t n) { NEXT(write); return failing(fd) ? -1 : real(fd, b, n); }
-ssize_t pwrite(int fd, const void *b, size_t n, off_t o) { NEXT(pwrite); return failing(fd) ? -1 : real(fd, b, n, o); }
-ssize_t pwrite64(int fd, const void *b, size_t n, off_t o) { NEXT(pwrite64); return failing(fd) ? -1 : real(fd, b, n, o); }
-ssize_t writev(int fd, const struct iovec *v, int c) { NEXT(writev); return failing(fd) ? -1 : real(fd, v, c); }
-ssize_t pwritev(int fd, const struct iovec *v, int c, off_t o) { NEXT(pwritev); return failing(fd) ? -1 : real(fd, v, c, o); }
-ssize_t copy_file_range(int i, off_t *io, int o, off_t *oo, size_t n, unsigned f) {
-    NEXT(copy_file_range); return failing(o) ? -1 : real(i, io, o, oo, n, f); }
-int fsync(int fd) { NEXT(fsync); return failing(fd) ? -1 : real(fd); }
-int fdatasync(int fd) { NEXT(fdatasync); return failing(fd) ? -1 : real(fd); }
-"""
-
-
-def build_shim(folder: Path) -> Path | None:
-    """The EIO library, compiled here (None without a C compiler)."""
-    src, lib = folder / "eio.c", folder / "libeio.so"
-    folder.mkdir(parents=True, exist_ok=True)
-    src.write_text(SHIM)
-    try:
-        r = subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-o", str(lib), str(src), "-ldl"], capture_output=True)
-    except OSError:
-        return None
-    return lib if r.returncode == 0 else None
-
-
-def with_eio(env: dict[str, str], lib: Path, prefix: Path, at: int, count: Path | None = None) -> dict[str, str]:
-    out = {**env, "LD_PRELOAD": str(lib), "FAULT_EIO_PREFIX": str(prefix), "FAULT_EIO_AT": str(at)}
-    if count is not None:
-        out["FAULT_EIO_COUNT"] = str(count)
-    return out
 
 
 __all__ = ["base_env"]

@@ -15,16 +15,43 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import faultdisk
 import faultenv as fe
-from fault_scenarios import SCENARIOS, Ctx, sqlite_world, world_of
+from fault_outages import (disk_full_output, disk_full_store, eio_output, eio_store, pg_terminate, pg_unreachable,
+                           server_restart)
+from fault_scenarios import (Ctx, Step, bench, convert_register, datasets_add, gc_killed, promote, promote_while_serving,
+                             prompts_add, register, rollback, serve_mid_swap)
+from fault_worlds import sqlite_world, world_of
 from faultkit import Outcome, Runner, World, calibrate, final_doctor, inject, killer, summarize
 
 SEED = int(os.environ.get("LLMOPS_CHAOS_SEED", "1517"))
 FULL = os.environ.get("LLMOPS_CHAOS") == "1"
+# kind: (the world it runs in, its setup)
+SCENARIOS: dict[str, tuple[str, Callable[[World, Ctx], Step]]] = {
+    "sigkill-register": ("sqlite", register("sigkill-register", "m")),
+    "sigkill-register-pg": ("pg", register("sigkill-register-pg", "m")),
+    "sigkill-convert-register": ("sqlite", convert_register),
+    "sigkill-datasets-add": ("sqlite", datasets_add),
+    "sigkill-prompts-add": ("sqlite", prompts_add),
+    "sigkill-promote": ("sqlite", promote),
+    "sigkill-rollback": ("sqlite", rollback),
+    "sigkill-bench": ("sqlite", bench),
+    "sigkill-gc": ("sqlite", gc_killed),
+    "sigkill-promote-while-serving": ("sqlite", promote_while_serving),
+    "sigkill-serve-mid-swap": ("sqlite", serve_mid_swap),
+    "pg-terminate-backend": ("pg", pg_terminate),
+    "pg-unreachable": ("pg", pg_unreachable),
+    "tracking-server-restart": ("server", server_restart),
+    "disk-full-store": ("disk", disk_full_store),
+    "disk-full-output": ("disk", disk_full_output),
+    "eio-store": ("sqlite", eio_store),
+    "eio-output": ("sqlite", eio_output),
+}
 # kind: (injections in the default suite, in the full campaign)
 COUNTS = {
     "sigkill-register": (1, 150), "sigkill-register-pg": (1, 50), "sigkill-register-multi-gb": (0, 6),
@@ -83,7 +110,7 @@ def ctx(tiny_models, tmp_path_factory) -> Ctx:  # noqa: ANN001
 
     def eio_lib() -> Path:
         if "eio" not in made:
-            made["eio"] = fe.build_shim(tmp_path_factory.mktemp("eio"))
+            made["eio"] = faultdisk.build_shim(tmp_path_factory.mktemp("eio"))
         if made["eio"] is None:
             pytest.skip("no C compiler for the EIO library")
         return made["eio"]  # type: ignore[return-value]

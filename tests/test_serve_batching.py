@@ -120,6 +120,40 @@ def test_a_new_request_joins_the_running_batch(artifacts, parallel: int) -> None
         assert engine.join(30)
 
 
+def test_a_prompt_sharing_a_finished_ones_prefix_decodes_only_the_rest(artifacts) -> None:  # noqa: F811
+    """A finished request's cells stay as a cache: the same prompt again, or a second chat turn
+    that resends the first with its answer, decodes only what is new, and gives the greedy text
+    a fresh context gives; an echo with logprobs (which needs every position's logits) reuses
+    nothing."""
+    from llmops.app.serving.batching import LlamaBatchEngine
+    from llmops.app.serving.engines import GenParams, run_to_end
+
+    greedy = GenParams(max_tokens=24, temperature=0)
+    first = "The quick brown fox jumps over the lazy dog. " * 4
+    cached = LlamaBatchEngine(artifacts["gguf-f32"], n_ctx=512, threads=1, parallel=2, name="tiny-v1")
+    fresh = LlamaBatchEngine(artifacts["gguf-f32"], n_ctx=512, threads=1, parallel=1, name="tiny-v2")
+    try:
+        prompt = cached.text_prompt(first)
+        text, out = run_to_end(cached, prompt, greedy, 120)
+        assert out.cached_tokens == 0
+        again, out2 = run_to_end(cached, cached.text_prompt(first), greedy, 120)
+        assert out2.cached_tokens == len(prompt.tokens) - 1 and again == text
+        turn = first + text + " And then"
+        second = cached.text_prompt(turn)
+        reply, out3 = run_to_end(cached, second, greedy, 120)
+        assert out3.cached_tokens >= len(prompt.tokens), (out3.cached_tokens, len(prompt.tokens))
+        assert out3.cached_tokens < len(second.tokens)
+        alone, out4 = run_to_end(fresh, fresh.text_prompt(turn), greedy, 120)
+        assert out4.cached_tokens == 0 and reply == alone
+        echo = GenParams(max_tokens=0, temperature=0, logprobs=1, echo=True)
+        _, out5 = run_to_end(cached, cached.text_prompt(turn), echo, 120)
+        assert out5.cached_tokens == 0 and len(out5.logprobs.tokens) == len(second.tokens)
+    finally:
+        for engine in (cached, fresh):
+            engine.close()
+            assert engine.join(30)
+
+
 def test_a_client_that_leaves_a_plain_request_frees_its_sequence(batch_server: Server) -> None:
     """Not streamed: the server notices the closed connection while the request decodes, drops
     its sequence, and counts it as cancelled, not served."""

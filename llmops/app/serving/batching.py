@@ -9,7 +9,9 @@ this process (no extra build, no proxy hop):
 * one context with ``n_seq_max = parallel`` and one unified KV cache of ``parallel × n_ctx``
   cells (llama-server's ``--parallel N --kv-unified``); a request holds a sequence id (a
   slot) from admission to its end, and its cells are removed (``llama_memory_seq_rm``) the
-  moment it ends, is cut by its client, or fails;
+  moment it is cut by its client or fails; one that ends normally leaves them as a cache, and
+  the next request is given the slot sharing the longest prefix with its prompt
+  (:mod:`llmops.app.serving.slots`; llama-server's ``cache_prompt``);
 * each step builds one ``llama_batch``: the last sampled token of every generating sequence,
   then prompt tokens of admitted requests up to ``n_batch``; a new request joins between two
   steps, its prompt decoded alongside the others' next tokens;
@@ -43,6 +45,7 @@ from llmops.app.serving.engines import (
     finish,
 )
 from llmops.app.serving.llama_model import LlamaModelFile, train_context
+from llmops.app.serving.slots import Slots
 from llmops.app.serving.textout import LogprobTrace, TextStream
 from llmops.core.errors import LLMOpsError
 
@@ -60,6 +63,7 @@ class _Seq:
         self.pos = 0  # the position of the next token this sequence decodes
         self.last: int | None = None  # the sampled token not yet decoded
         self.trace = job.out.logprobs
+        self.decoded: list[int] = []  # sampled tokens decoded into the cache after the prompt
 
 
 class LlamaBatchEngine(ModelTokenizer, BatchLoop):
@@ -98,7 +102,7 @@ class LlamaBatchEngine(ModelTokenizer, BatchLoop):
         self._cv = threading.Condition()
         self._incoming: collections.deque[Job] = collections.deque()
         self._active: list[_Seq] = []
-        self._free = list(range(self.parallel - 1, -1, -1))
+        self._slots = Slots(self.parallel)
         self._closing = False
         self._tok = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llmops-tok-{name}")
         self._thread = threading.Thread(target=self._run, name=f"llmops-batch-{name}", daemon=True)
@@ -212,9 +216,9 @@ class LlamaBatchEngine(ModelTokenizer, BatchLoop):
                 if self._closing and not self._incoming and not self._active:
                     break
                 admitted = []
-                while self._incoming and self._free:
+                while self._incoming and self._slots:
                     job = self._incoming.popleft()
-                    admitted.append((job, self._free.pop()))
+                    admitted.append((job, self._slots.take(job.prompt.tokens)))
             for job, slot in admitted:
                 self._admit(job, slot)
             if not self._active:
@@ -229,21 +233,32 @@ class LlamaBatchEngine(ModelTokenizer, BatchLoop):
         job.out.started_at = time.perf_counter()
         self.observer.started(job)
         if job.cancel.is_set():
-            self._release(slot)
+            self._release(slot, self._slots.held[slot])  # untouched: what it holds stays
             finish(job, "cancelled")
             return
         stops = list(job.params.stop) + [s for s in job.prompt.stop if s not in job.params.stop]
-        self._active.append(_Seq(job, slot, self._sampler(job.params), TextStream(stops)))
+        s = _Seq(job, slot, self._sampler(job.params), TextStream(stops))
+        # an echo wants the logits of every prompt position: nothing of its prompt is reused
+        reuse = 0 if s.trace is not None and job.params.echo else self._slots.reusable(slot, s.prompt)
+        if len(self._slots.held[slot]) > reuse and not self.lib.llama_memory_seq_rm(self._mem, slot, reuse, -1):
+            self.lib.llama_memory_seq_rm(self._mem, slot, -1, -1)  # a cache that cannot be cut part-way
+            reuse = 0
+        s.fed = s.pos = reuse
+        job.out.cached_tokens = reuse
+        self._active.append(s)
 
-    def _release(self, slot: int) -> None:
-        self.lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
+    def _release(self, slot: int, holding: list[int] | None = None) -> None:
+        """``slot`` free again; its cells kept as a cache of ``holding``, or removed."""
+        if not holding:
+            self.lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
         with self._cv:
-            self._free.append(slot)
+            self._slots.give_back(slot, holding)
 
     def _end(self, s: _Seq, reason: str | None, error: BaseException | None = None) -> None:
         if s in self._active:
             self._active.remove(s)
-        self._release(s.slot)
+        ended = error is None and reason in ("stop", "length")
+        self._release(s.slot, s.prompt[:s.fed] + s.decoded if ended else None)
         s.sampler.close()
         if error is None and reason in ("stop", "length"):
             rest = s.text.flush()
@@ -276,6 +291,7 @@ class LlamaBatchEngine(ModelTokenizer, BatchLoop):
             if s.last is not None:
                 samples.append((s, n, n_out))
                 add(s.last, s.pos, s.slot, True)
+                s.decoded.append(s.last)
                 s.pos += 1
                 seqs.add(s.slot)
         for s in self._active:
@@ -346,7 +362,7 @@ class LlamaBatchEngine(ModelTokenizer, BatchLoop):
         try:
             self.lib.llama_memory_clear(self._mem, True)
             with self._cv:
-                self._free = list(range(self.parallel - 1, -1, -1))
+                self._slots.reset()
             if self.failures >= RESTART_AFTER:
                 self._new_context()
                 self.restarts += 1

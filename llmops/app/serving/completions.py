@@ -215,9 +215,10 @@ async def complete(state: ServerState, request: Request, endpoint: str) -> Respo
         created = int(time.time())
         rid = f"{'chatcmpl' if chat_mode else 'cmpl'}-{uuid.uuid4().hex}"
 
-        def usage() -> dict[str, int]:
+        def usage() -> dict[str, Any]:
             c = sum(j.out.completion_tokens for j in jobs)
-            return {"prompt_tokens": rec.prompt_tokens, "completion_tokens": c, "total_tokens": rec.prompt_tokens + c}
+            return {"prompt_tokens": rec.prompt_tokens, "completion_tokens": c, "total_tokens": rec.prompt_tokens + c,
+                    "prompt_tokens_details": {"cached_tokens": sum(j.out.cached_tokens for j in jobs)}}
 
         queue: asyncio.Queue | None = asyncio.Queue() if req.stream else None
         sinks = [_ToLoop(loop, queue) for _ in prompts]

@@ -68,6 +68,7 @@ class Generation:
     cancelled: bool = False
     queued_at: float | None = None  # handed to the engine
     started_at: float | None = None  # given a sequence slot (the end of its wait in the queue)
+    cached_tokens: int = 0  # prompt tokens found in the KV cache (not decoded again)
     logprobs: LogprobTrace | None = None
 
 

@@ -5,7 +5,9 @@ requests is formed from those waiting and runs until its last member ends; a req
 meanwhile waits for the next batch), and continuously with a paged KV cache on CUDA (the
 ``dynamic_batching`` settings; a model not built for them is batched statically). Its events
 carry tokens, not logits, so a request for ``logprobs`` runs through a ``Generator`` on the
-same thread, between two engine steps. The engine answers only the thread that made it: one
+same thread, between two engine steps; so does a request that finds nothing else running or
+waiting (a static batch of one would hold later arrivals just as long, and the ``Generator``
+decodes one sequence faster than the engine's batch of one: measured 72 against 59 tok/s). The engine answers only the thread that made it: one
 thread makes it and does everything with it, tokenizing included.
 """
 
@@ -57,6 +59,7 @@ class OnnxBatchEngine(ModelTokenizer, BatchLoop):
         self._cv = threading.Condition()
         self._incoming: collections.deque[Job] = collections.deque()
         self._running: dict[int, _Running] = {}
+        self._solo: Job | None = None  # the job running through the Generator, if one is
         self._closing = False
         self._calls: collections.deque[tuple[Any, Future]] = collections.deque()
         self._ready = threading.Event()
@@ -85,7 +88,7 @@ class OnnxBatchEngine(ModelTokenizer, BatchLoop):
             self._cv.notify()
 
     def _running_jobs(self) -> list[Job]:
-        return [r.job for r in self._running.values()]
+        return [r.job for r in self._running.values()] + ([self._solo] if self._solo is not None else [])
 
     def _run(self) -> None:
         # the engine answers only the thread that made it: it is made here, and used only here
@@ -124,25 +127,29 @@ class OnnxBatchEngine(ModelTokenizer, BatchLoop):
                     fut.set_result(fn())
                 except BaseException as exc:  # noqa: BLE001 - the caller's to handle
                     fut.set_exception(exc)
+            alone = len(jobs) == 1 and not self._running
             for job in jobs:
-                self._begin(job)
+                self._begin(job, alone)
             if self._running:
                 self._step()
 
-    def _begin(self, job: Job) -> None:
+    def _begin(self, job: Job, alone: bool = False) -> None:
         og, np = self._og, self.inner._np
         job.out.started_at = time.perf_counter()
         if job.cancel.is_set():
             finish(job, "cancelled")
             return
-        if job.params.logprobs is not None:  # logits are the Generator's: this one runs alone, now
+        if alone or job.params.logprobs is not None:  # logits are the Generator's: this one runs alone, now
             self.observer.started(job)
+            self._solo = job
             try:
                 for piece in self.inner.generate(job.prompt, job.params, job.cancel, job.out, self.observer):
                     job.sink.text(piece)
             except Exception as exc:  # noqa: BLE001 - that request fails, the engine goes on
                 finish(job, None, exc)
                 return
+            finally:
+                self._solo = None
             finish(job, job.out.finish_reason or "length")
             return
         p = job.params
