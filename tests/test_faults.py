@@ -121,16 +121,18 @@ def ctx(tiny_models, tmp_path_factory) -> Ctx:  # noqa: ANN001
         cleanup()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def reliability_table():  # noqa: ANN201
-    started = time.time()
-    yield
+STARTED = time.time()
+
+
+def write_table() -> None:
+    """The reliability table of what ran so far (after every kind: a campaign cut short keeps its
+    figures)."""
     if not OUTCOMES:
         return
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     table = summarize(OUTCOMES)
     name = "campaign" if FULL else "sample"
-    doc = {"seed": SEED, "full": FULL, "seconds": round(time.time() - started, 1), "load": os.getloadavg(),
+    doc = {"seed": SEED, "full": FULL, "seconds": round(time.time() - STARTED, 1), "load": os.getloadavg(),
            "injections": len(OUTCOMES), "kinds": table, "outcomes": [o.to_dict() for o in OUTCOMES]}
     (OUT_DIR / f"{name}.json").write_text(json.dumps(doc, indent=1))
     lines = ["| fault | injections | left debris | inconsistent after gc | lost bytes | failed retries |",
@@ -153,6 +155,7 @@ def run_kind(kind: str, world: World, ctx: Ctx, n: int) -> list[Outcome]:
             failed.append(o)
             if len(failed) >= MAX_FAILURES:
                 break
+    write_table()
     return failed
 
 
@@ -229,4 +232,5 @@ def test_sigkill_register_multi_gb(runner, tmp_path) -> None:  # noqa: ANN001
         if not o.ok:
             failed.append(o)
         shutil.rmtree(root, ignore_errors=True)
+    write_table()
     assert not failed, _report(failed)

@@ -62,6 +62,8 @@ def test_several_sequences_share_one_decode_step(batch_server: Server) -> None:
     # each prompt's text is the one it gets alone (greedy), batched or not
     alone = raw(batch_server, "/v1/completions", json.dumps({**body, "prompt": body["prompt"][2]}).encode())[2]
     assert alone["choices"][0]["text"] == data["choices"][2]["text"]
+    # ... its prompt found in the cells the batch left (all but the last token, whose logits it needs)
+    assert alone["usage"]["prompt_tokens_details"]["cached_tokens"] == alone["usage"]["prompt_tokens"] - 1
 
 
 class _Events:
