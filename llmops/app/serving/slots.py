@@ -55,7 +55,7 @@ class Slots:
     def reusable(self, slot: int, prompt: list[int]) -> int:
         """Prompt tokens that need not be decoded again in ``slot``: the shared prefix, less the
         prompt's last token, whose logits the first sample needs."""
-        return min(common_prefix(self.held[slot], prompt), len(prompt) - 1)
+        return max(0, min(common_prefix(self.held[slot], prompt), len(prompt) - 1))
 
     def give_back(self, slot: int, holding: list[int] | None) -> None:
         """``slot`` is free again, its cells holding ``holding`` (``None``: emptied)."""
