@@ -48,7 +48,9 @@ class DatasetInfo:
 def profile(path: Path) -> tuple[str, int | None]:
     """Format and record count, read cheaply (lines for text-like files)."""
     if path.is_dir():
-        return "folder", sum(1 for f in path.rglob("*") if f.is_file())
+        from llmops.core.walk import files_of
+
+        return "folder", len(files_of(path))  # the files registration stores: linked folders' included
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq

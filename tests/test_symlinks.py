@@ -131,6 +131,23 @@ def test_a_source_that_is_a_link_to_a_file(cli, store_env, tmp_path) -> None:
     assert stored.read_bytes() == FILES["model.safetensors"]
 
 
+@pytest.mark.parametrize("store_env", ["sqlite"], indirect=True)
+def test_a_dataset_folder_counts_the_files_of_its_linked_folders(cli, store_env, tmp_path) -> None:
+    """A dataset folder whose shards sit in a linked folder: its record count is the files
+    registration stores, the linked ones included."""
+    shards = tmp_path / "elsewhere" / "shards"
+    shards.mkdir(parents=True)
+    for i in range(3):
+        (shards / f"part-{i}.jsonl").write_text(f'{{"i": {i}}}\n')
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "README.md").write_text("three shards\n")
+    (data / "train").symlink_to(shards, target_is_directory=True)
+    r = cli("--json", "datasets", "add", "linked", data)
+    assert r.code == 0, r.err
+    assert r.json()["format"] == "folder" and r.json()["records"] == 4, r.json()
+
+
 def _dangling(ckpt: Path) -> Path:
     link = ckpt / "model.safetensors"
     link.symlink_to(ckpt.parent / "deleted.safetensors")
