@@ -40,12 +40,17 @@ def concurrently(world: World, command: list[str], at: float, fault: Callable[[]
     started, ended = threading.Event(), threading.Event()
     said: list[str] = []
 
+    failed: list[BaseException] = []
+
     def interfere() -> None:
-        started.wait(60)
-        if not ended.wait(at):
-            said.append(str(fault()))
-        if after is not None:
-            after()
+        try:
+            started.wait(60)
+            if not ended.wait(at):
+                said.append(str(fault()))
+            if after is not None:
+                after()
+        except BaseException as exc:  # noqa: BLE001 - raised in the test's thread below
+            failed.append(exc)
 
     t = threading.Thread(target=interfere, daemon=True)
     t.start()
@@ -54,6 +59,8 @@ def concurrently(world: World, command: list[str], at: float, fault: Callable[[]
     finally:
         ended.set()
         t.join(timeout=600)
+    if failed:  # the fault or its undoing went wrong: the injection is not what it says
+        raise failed[0]
     return done, said
 
 

@@ -91,6 +91,24 @@ def kill_tree(pid: int) -> None:
         time.sleep(0.05)
 
 
+def listeners(port: int) -> list[int]:
+    """The processes with a socket listening on TCP ``port`` (IPv4 or IPv6), from /proc."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{f[9]}]")
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                    found.append(int(entry.name))
+    return found
+
+
 # -- PostgreSQL ----------------------------------------------------------------------------------------
 def pg_reachable() -> bool:
     return pgtest.unreachable() is None
@@ -207,6 +225,10 @@ class TrackingServer:
             kill_tree(self.proc.pid)
             self.proc.wait(timeout=60)
             self.proc = None
+        # a worker that left the tree and its session still holds the port: it is the server too
+        for pid in listeners(self.port):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         from llmops.app.server import stop
