@@ -260,7 +260,7 @@ class LlamaBatchEngine(ModelTokenizer, BatchLoop):
         ended = error is None and reason in ("stop", "length")
         self._release(s.slot, s.prompt[:s.fed] + s.decoded if ended else None)
         s.sampler.close()
-        if error is None and reason in ("stop", "length"):
+        if ended:
             rest = s.text.flush()
             if rest:
                 s.job.sink.text(rest)

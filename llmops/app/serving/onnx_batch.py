@@ -7,8 +7,9 @@ meanwhile waits for the next batch), and continuously with a paged KV cache on C
 carry tokens, not logits, so a request for ``logprobs`` runs through a ``Generator`` on the
 same thread, between two engine steps; so does a request that finds nothing else running or
 waiting (a static batch of one would hold later arrivals just as long, and the ``Generator``
-decodes one sequence faster than the engine's batch of one: measured 72 against 59 tok/s). The engine answers only the thread that made it: one
-thread makes it and does everything with it, tokenizing included.
+decodes one sequence faster than the engine's batch of one: measured 72 against 59 tok/s).
+The engine answers only the thread that made it: one thread makes it and does everything with
+it, tokenizing included.
 """
 
 from __future__ import annotations
